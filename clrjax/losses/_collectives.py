@@ -1,0 +1,64 @@
+"""Named-axis collectives that also accept ``axis_name=None`` (one device).
+
+Every loss in :mod:`clrjax.losses` is written per shard: it sees the local rows
+of the global batch and calls these helpers exactly where the mathematics needs
+the global batch. With ``axis_name=None`` each helper is the identity (or the
+one-device constant), so the same function is the ordinary one-device loss.
+Under ``jax.shard_map`` or ``jax.pmap`` over an axis of N devices the helpers
+are the JAX collectives, and the global batch is the concatenation of the
+shards in ``axis_index`` order.
+
+Why ``all_gather`` keeps its gradient: ``jax.lax.all_gather`` transposes to a
+``psum_scatter``, so the gradient flowing into the gathered copy from every
+device's loss comes back to the rows that device owns. That is what makes the
+per-shard gradient equal the one-device gradient without manual rescaling
+(the bug class of "an all-reduce with no backward pass").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+AxisName = Optional[str]
+
+
+def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Concatenates the shards of ``x`` along axis 0 in axis-index order."""
+    if axis_name is None:
+        return x
+    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def psum(x, axis_name: AxisName):
+    """Sums a pytree over the axis (identity on one device)."""
+    if axis_name is None:
+        return x
+    return jax.lax.psum(x, axis_name)
+
+
+def pmean(x, axis_name: AxisName):
+    """Averages a pytree over the axis (identity on one device)."""
+    if axis_name is None:
+        return x
+    return jax.lax.pmean(x, axis_name)
+
+
+def axis_index(axis_name: AxisName) -> jax.Array:
+    """This shard's position along the axis (0 on one device)."""
+    if axis_name is None:
+        return jnp.zeros((), jnp.int32)
+    return jax.lax.axis_index(axis_name)
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """Number of shards along the axis (1 on one device); a static Python int."""
+    if axis_name is None:
+        return 1
+    return jax.lax.axis_size(axis_name)
+
+
+def global_batch_size(n_local: int, axis_name: AxisName) -> int:
+    """N, the global batch size, assuming equal shards (static)."""
+    return n_local * axis_size(axis_name)

@@ -1,0 +1,41 @@
+"""clrjax: large-batch self-supervised contrastive learning in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "jaxlib>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.1",
+    "chex>=0.1.90",
+    "numpy>=1.26",
+    "scikit-learn>=1.4",
+    "grain>=0.2.18",
+    "tensorflow-datasets>=4.9.10",
+    # tensorflow-datasets 4.9.10 imports importlib_resources without declaring it.
+    "importlib_resources>=6.0",
+    # TensorBoard event files are written with tensorboard.summary.Writer (no TensorFlow).
+    "tensorboard>=2.16",
+    "matplotlib>=3.8",
+    "safetensors>=0.4",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    # TensorFlow is only needed to *build* TFDS datasets that use the Image feature (`tfds build`).
+    "tf": ["tensorflow>=2.16"],
+    # PyTorch is only needed to check the exported torchvision state_dict.
+    "torch": ["torch>=2.4"],
+}
+
+setup(
+    name="clrjax",
+    version="0.1.0",
+    description="Large-batch self-supervised contrastive learning (SimCLR, Barlow Twins, VICReg, TiCo) in JAX/Flax.",
+    packages=find_packages(include=["clrjax", "clrjax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
