@@ -62,3 +62,15 @@ def axis_size(axis_name: AxisName) -> int:
 def global_batch_size(n_local: int, axis_name: AxisName) -> int:
     """N, the global batch size, assuming equal shards (static)."""
     return n_local * axis_size(axis_name)
+
+
+def all_to_all_columns(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Turns row shards ``[n_local, d]`` into column shards ``[N, d / K]``.
+
+    Shard k receives columns ``k*d/K : (k+1)*d/K`` of the global batch (rows in
+    axis-index order). Requires ``d`` divisible by the axis size K. Its
+    transpose is again an all-to-all, so gradients reach the owning rows.
+    """
+    if axis_name is None:
+        return x
+    return jax.lax.all_to_all(x, axis_name, split_axis=1, concat_axis=0, tiled=True)

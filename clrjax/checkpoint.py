@@ -1,0 +1,94 @@
+"""Orbax checkpoints of the whole train state, resumable on any mesh.
+
+A checkpoint step directory holds two items:
+  * ``state``: the TrainState pytree (params, batch statistics, optimizer
+    state, method state such as TiCo's covariance, step, RNG), written
+    cooperatively by all processes (``StandardSave``);
+  * ``meta``: JSON with the data-loader position and the run's identity.
+Orbax writes each step into a temporary directory and renames it when it is
+complete, so a step directory that exists is complete; leftovers of an
+interrupted save are never listed as steps (reported by :meth:`incomplete`).
+Restoring takes an abstract state whose leaves carry the *target* shardings,
+so a checkpoint written on one device/process count resumes on another.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps (and when forced), keeps ``keep``."""
+
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self):
+        return list(self._manager.all_steps())
+
+    def incomplete(self):
+        """Names of leftover temporary directories of interrupted saves."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(n for n in os.listdir(self.directory) if TMP_MARKER in n)
+
+    def should_save(self, step: int) -> bool:
+        return self._manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once any process got a preemption notice (multi-host sync point)."""
+        return self._manager.reached_preemption(step)
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+        """Starts a (possibly async) save; returns whether one was started."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
+        """Restores ``step`` onto the shardings held by ``abstract_state``'s leaves."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                    meta=ocp.args.JsonRestore()),
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def restore_meta(self, step: int) -> dict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore_subtree(self, step: int) -> Any:
+        """Restores the raw state tree onto host memory (for eval/export, no target structure)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Blocks until any background save has finished (and raises its error, if any)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs with the leaves' shardings: the restore target for ``tree``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,281 @@
+"""The experiment configuration: every field, its default, and its validation.
+
+Configs are ``ml_collections.ConfigDict`` built by ``configs/<method>.py``
+``get_config(arg)`` on top of :func:`base_config`, which documents every field
+in one place. :func:`validate_config` runs before anything is compiled or
+loaded and raises :class:`ConfigError` with one sentence naming the field and
+the fix.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Mapping, Optional
+
+import ml_collections
+
+METHODS = ("simclr", "barlow_twins", "vicreg", "tico")
+DATASETS = (
+    "digits", "fashion_mnist", "synthetic",
+    "cifar10", "cifar100", "stl10", "imagenette", "imagenet2012",
+)
+OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALING_RULES = ("none", "linear", "sqrt")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults. Method configs override what they need."""
+    c = ml_collections.ConfigDict()
+    c.method = "simclr"              # one of METHODS: which loss trains the encoder
+    c.loss = ml_collections.ConfigDict()  # keyword arguments of the method's loss (see clrjax.losses)
+    c.seed = 0                       # seeds initialisation, data order and augmentations
+    c.batch_size = 256               # global batch (images per step, each seen as 2 views)
+    c.num_epochs = 100.0             # training length in epochs (used when num_steps == 0)
+    c.num_steps = 0                  # training length in steps; overrides num_epochs when > 0
+    c.log_every_steps = 20           # console line, metrics.jsonl and TensorBoard every N steps
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "digits"        # one of DATASETS
+    c.dataset.data_dir = ""          # IDX dir (fashion_mnist) or TFDS data_dir; "" = default
+    c.dataset.train_split = "train"  # split used for pretraining and probe training
+    c.dataset.test_split = "test"    # split used for evaluation
+    c.dataset.image_size = 0         # host-side fixed size for variable-size images / synthetic; 0 = native
+    c.dataset.num_examples = 0       # synthetic only: examples per split
+    c.dataset.channels = 3           # synthetic only: image channels
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.crop_size = 32         # output side of the random resized crop (pixels)
+    c.augment.crop_scale = (0.08, 1.0)  # crop area range as a fraction of the image (SimCLR app. A)
+    c.augment.crop_ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range (SimCLR app. A)
+    c.augment.flip_prob = 0.5        # horizontal flip probability
+    c.augment.jitter_strength = 1.0  # colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)
+    c.augment.jitter_prob = 0.8      # probability of applying colour jitter (SimCLR app. A)
+    c.augment.gray_prob = 0.2        # probability of grayscale (SimCLR app. A)
+    c.augment.blur_prob = (1.0, 0.1)  # Gaussian blur probability for view 0 and view 1 (BYOL table 6)
+    c.augment.blur_sigma = (0.1, 2.0)  # blur sigma range (SimCLR app. A)
+    c.augment.solarize_prob = (0.0, 0.2)  # solarisation probability per view (BYOL table 6)
+    c.augment.solarize_threshold = 0.5  # pixels above this (in [0, 1]) are inverted
+    c.augment.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after augmentation)
+    c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base
+    c.model.dtype = "float32"        # compute dtype ("bfloat16" keeps float32 parameters)
+
+    c.projector = ml_collections.ConfigDict()
+    c.projector.hidden_dims = (512,)  # hidden layer widths of the projector MLP
+    c.projector.out_dim = 128        # embedding dimension d the loss sees
+    c.projector.use_bn = True        # BatchNorm after each hidden layer
+    c.projector.last_bn = False      # affine-free BatchNorm on the output (SimCLR v2, Barlow Twins)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"       # one of OPTIMIZERS
+    c.optimizer.lr = 1e-3            # base learning rate, before lr_scaling
+    c.optimizer.lr_scaling = "none"  # none | linear (lr*B/base_batch) | sqrt (lr*sqrt(B))
+    c.optimizer.base_batch = 256     # reference batch of the linear rule
+    c.optimizer.weight_decay = 1e-6  # decoupled (adamw) or L2 (sgd, lars) weight decay; skips biases and norms
+    c.optimizer.momentum = 0.9       # momentum for sgd and lars
+    c.optimizer.nesterov = False     # Nesterov momentum for sgd
+    c.optimizer.trust_coefficient = 0.001  # LARS trust coefficient eta
+    c.optimizer.b1 = 0.9             # adamw beta1
+    c.optimizer.b2 = 0.999           # adamw beta2
+    c.optimizer.warmup_epochs = 10.0  # linear warmup length, then cosine decay
+    c.optimizer.end_lr = 0.0         # learning rate at the end of the cosine decay
+    c.optimizer.grad_clip_norm = 0.0  # global-norm gradient clipping; 0 = off
+
+    c.probe = ml_collections.ConfigDict()
+    c.probe.lr = 1e-3                # online linear probe's Adam learning rate (own optimizer)
+    c.probe.weight_decay = 0.0       # online probe's decoupled weight decay
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500   # save every N steps (and always at the end)
+    c.checkpoint.keep = 3            # how many recent checkpoints to keep
+    c.checkpoint.async_save = True   # write checkpoints in the background while training continues
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.final = True              # after training: linear probe + kNN of the frozen encoder
+    c.eval.compare_random_init = True  # also evaluate the same encoder at initialisation
+    c.eval.knn_every_steps = 0       # periodic kNN on the test split during training; 0 = off
+    c.eval.knn_k = (20, 200)         # k values of the weighted kNN (Wu et al. 2018)
+    c.eval.knn_temperature = 0.07    # kNN weight temperature (Wu et al. 2018)
+    c.eval.batch_size = 512          # feature-extraction batch size
+    c.eval.max_train_examples = 0    # cap probe training set size (0 = whole split)
+
+    c.nonfinite = ml_collections.ConfigDict()
+    c.nonfinite.policy = "stop"      # stop: stop at the first non-finite step; skip: drop that update
+    c.nonfinite.max_consecutive_skips = 10  # with policy=skip, stop after this many skips in a row
+    return c
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"config.{field} {problem}; {fix}.")
+
+
+def _suggest(value: str, options) -> str:
+    close = difflib.get_close_matches(str(value), list(options), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"use one of {', '.join(map(str, options))}{hint}"
+
+
+def check_known_keys(config: Mapping, reference: Mapping, prefix: str = "") -> None:
+    """Raises on any key of ``config`` absent from ``reference`` (recursing into dicts).
+
+    ``loss`` and ``model`` are open: their keys are checked against the chosen
+    loss function's and model's signatures instead.
+    """
+    for key, value in config.items():
+        field = f"{prefix}{key}"
+        if key not in reference:
+            _fail(field, "is not a known field", _suggest(key, reference.keys()))
+        if field in ("loss", "model"):
+            continue
+        if isinstance(value, Mapping) and isinstance(reference[key], Mapping):
+            check_known_keys(value, reference[key], prefix=f"{field}.")
+
+
+def _check_choice(field: str, value: Any, options) -> None:
+    if value not in options:
+        _fail(field, f"is {value!r}, which is not supported", _suggest(value, options))
+
+
+def _check_positive(field: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = "non-negative" if allow_zero else "positive"
+        _fail(field, f"is {value!r} but must be a {bound} number", f"set --config.{field} to a {bound} value")
+
+
+def _check_probability(field: str, value: Any) -> None:
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            _fail(field, f"is {value!r} but probabilities must lie in [0, 1]",
+                  f"set --config.{field} to values between 0 and 1")
+
+
+def _check_loss_kwargs(config) -> None:
+    from clrjax import losses  # local: keeps `import clrjax.config` light
+
+    method = losses.get_method(config.method)
+    accepted = set(losses.loss_kwarg_names(config.method))
+    for key, value in config.loss.items():
+        if key not in accepted:
+            _fail(f"loss.{key}", f"is not an argument of the {config.method} loss",
+                  _suggest(key, sorted(accepted)))
+    temperature = config.loss.get("temperature", None)
+    if temperature is not None:
+        _check_positive("loss.temperature", temperature)
+    del method
+
+
+def validate_config(config, *, num_devices: Optional[int] = None,
+                    num_processes: int = 1) -> None:
+    """Checks ``config`` before any data is loaded or anything compiled.
+
+    Args:
+      config: the resolved ConfigDict.
+      num_devices: global device count the batch will be sharded over.
+      num_processes: number of JAX processes feeding the batch.
+    Raises:
+      ConfigError: naming the offending field and how to fix it.
+    """
+    check_known_keys(config, base_config())
+    _check_choice("method", config.method, METHODS)
+    _check_choice("dataset.name", config.dataset.name, DATASETS)
+    _check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+    _check_choice("optimizer.lr_scaling", config.optimizer.lr_scaling, LR_SCALING_RULES)
+    _check_choice("nonfinite.policy", config.nonfinite.policy, NONFINITE_POLICIES)
+    _check_loss_kwargs(config)
+
+    if not isinstance(config.batch_size, int) or config.batch_size <= 0:
+        _fail("batch_size", f"is {config.batch_size!r} but must be a positive integer",
+              "set --config.batch_size to e.g. 256")
+    _check_positive("optimizer.lr", config.optimizer.lr)
+    _check_positive("probe.lr", config.probe.lr)
+    _check_positive("optimizer.weight_decay", config.optimizer.weight_decay, allow_zero=True)
+    _check_positive("optimizer.warmup_epochs", config.optimizer.warmup_epochs, allow_zero=True)
+    _check_positive("num_epochs", config.num_epochs, allow_zero=True)
+    _check_positive("num_steps", config.num_steps, allow_zero=True)
+    if config.num_steps == 0 and config.num_epochs == 0:
+        _fail("num_steps", "and config.num_epochs are both 0, so there is nothing to train",
+              "set --config.num_steps or --config.num_epochs to a positive value")
+    _check_positive("log_every_steps", config.log_every_steps)
+    _check_positive("checkpoint.every_steps", config.checkpoint.every_steps)
+    _check_positive("checkpoint.keep", config.checkpoint.keep)
+    _check_positive("eval.batch_size", config.eval.batch_size)
+    _check_positive("augment.crop_size", config.augment.crop_size)
+    for field in ("flip_prob", "jitter_prob", "gray_prob", "blur_prob", "solarize_prob"):
+        _check_probability(f"augment.{field}", config.augment[field])
+    scale = tuple(config.augment.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        _fail("augment.crop_scale", f"is {scale!r} but must be (min, max) with 0 < min <= max <= 1",
+              "set e.g. --config.augment.crop_scale='(0.08, 1.0)'")
+    if config.projector.out_dim <= 0:
+        _fail("projector.out_dim", f"is {config.projector.out_dim!r} but must be positive",
+              "set --config.projector.out_dim to e.g. 128")
+
+    if num_devices is not None and config.batch_size % num_devices:
+        _fail("batch_size", f"is {config.batch_size}, which {num_devices} devices do not divide",
+              f"use a multiple of {num_devices}, e.g. {num_devices * max(1, config.batch_size // num_devices)}")
+    if config.batch_size % num_processes:
+        _fail("batch_size", f"is {config.batch_size}, which {num_processes} processes do not divide",
+              f"use a multiple of {num_processes}")
+    _check_model(config)
+
+
+def _check_model(config) -> None:
+    from clrjax import models  # local: the registry validates names and keyword arguments
+
+    try:
+        models.build_encoder(config.model)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config.model is invalid: {err}") from None
+
+
+def loss_kwargs(config) -> dict:
+    """The method's loss keyword arguments from ``config.loss`` as plain Python values."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.loss.to_dict().items()}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``'configs/simclr.py:digits'`` -> the ConfigDict, as ``--config=`` would build it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"the config file {path!r} does not exist; pass e.g. configs/simclr.py:digits.")
+    module_spec = importlib.util.spec_from_file_location(f"clrjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Returns a copy of ``config`` with dotted-key overrides, e.g. {'optimizer.lr': 0.3}.
+
+    An unknown key fails with the field's name, as on the command line.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for i, name in enumerate(parents):
+            if name not in node:
+                _fail(".".join(parents[: i + 1]), "is not a known field", "check the spelling")
+            node = node[name]
+        if leaf not in node and ".".join(parents) not in ("loss", "model"):
+            _fail(dotted, "is not a known field", _suggest(leaf, node.keys()))
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config

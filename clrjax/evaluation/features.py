@@ -1,0 +1,137 @@
+"""Frozen-encoder feature extraction, one device or data-parallel over a mesh.
+
+``extract_features`` runs a jitted ``encode_fn`` over an iterable of batches
+and returns host arrays of features and labels with the padding rows removed.
+With a ``jax.sharding.Mesh`` that has a ``'data'`` axis each batch is placed
+sharded along its batch axis, so ``jax.jit`` partitions the forward pass over
+the devices (the encoder's parameters, closed over by ``encode_fn``, are
+replicated). A frozen encoder's forward pass is row-independent, so the
+features equal the one-device features up to floating-point reassociation
+(tested to 1e-6).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits axis 0 (the batch) over the mesh's ``'data'`` axis."""
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"extract_features needs a mesh with a '{DATA_AXIS}' axis; got axes {mesh.axis_names}."
+        )
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def place_batch(array: Any, sharding: Optional[NamedSharding]) -> jax.Array:
+    """Puts one batch array on device, sharded along the batch axis if asked.
+
+    The batch size must divide evenly over the ``'data'`` axis: the caller
+    pads the last batch (and marks the padding with ``mask``) rather than us
+    silently dropping or duplicating rows.
+    """
+    if sharding is None:
+        return jax.device_put(array)
+    num_shards = sharding.mesh.shape[DATA_AXIS]
+    batch_size = np.shape(array)[0]
+    if batch_size % num_shards:
+        raise ValueError(
+            f"Batch size {batch_size} is not divisible by the {num_shards} devices of the "
+            f"mesh's '{DATA_AXIS}' axis; pad the batch (mask=False rows) to a multiple of {num_shards}."
+        )
+    return jax.device_put(array, sharding)
+
+
+class ProgressLine:
+    """A single self-overwriting status line on stderr (no tqdm dependency)."""
+
+    def __init__(self, name: str, total: Optional[int], enabled: bool):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.start = time.perf_counter()
+        self.last_print = 0.0
+
+    def update(self, steps: int, examples: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        # Rate-limit to ~4 Hz so printing never costs measurable time.
+        if not self.enabled or (not force and now - self.last_print < 0.25):
+            return
+        self.last_print = now
+        elapsed = max(now - self.start, 1e-9)
+        of_total = f"/{self.total}" if self.total is not None else ""
+        sys.stderr.write(
+            f"\r{self.name}: batch {steps}{of_total}, {examples} examples, "
+            f"{examples / elapsed:,.0f} ex/s, {elapsed:.1f} s"
+        )
+        sys.stderr.flush()
+
+    def close(self, steps: int, examples: int) -> None:
+        if self.enabled:
+            self.update(steps, examples, force=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def extract_features(
+    encode_fn: Callable[[jax.Array], jax.Array],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    mesh: Optional[Mesh] = None,
+    progress: bool = True,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Encodes every batch and returns ``(features [N, F] float32, labels [N] int32)``.
+
+    Args:
+      encode_fn: jittable ``images [B, ...] -> features [B, F]`` (or any
+        ``[B, ...]`` output, flattened to ``[B, F]``); the caller closes over
+        parameters and preprocessing. Must be row-independent (e.g. BatchNorm
+        in inference mode) for the padding rows to be harmless.
+      batches: iterable of dicts with ``'image'`` ``[B, ...]``, ``'label'``
+        ``[B]`` and optionally ``'mask'`` bool ``[B]``; rows with
+        ``mask=False`` (padding of the last batch) are dropped.
+      mesh: optional mesh with a ``'data'`` axis; each batch is sharded over
+        it (``B`` must be divisible by the axis size).
+      progress: print a progress line on stderr.
+
+    Batch ``i+1`` is dispatched before batch ``i`` is copied back to the
+    host, so device compute overlaps the device-to-host transfer.
+    """
+    sharding = batch_sharding(mesh) if mesh is not None else None
+    encode = jax.jit(encode_fn)
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    bar = ProgressLine("extract_features", total, progress)
+
+    feature_chunks, label_chunks = [], []
+    pending = None  # (device features, host labels, host mask) of the previous batch
+    steps = examples = 0
+
+    def collect(item):
+        features, labels, mask = item
+        features = np.asarray(features, dtype=np.float32).reshape(labels.shape[0], -1)
+        feature_chunks.append(features[mask])
+        label_chunks.append(labels[mask])
+
+    for batch in batches:
+        labels = np.asarray(batch["label"]).astype(np.int32)
+        mask = np.asarray(batch.get("mask", np.ones(labels.shape, bool))).astype(bool)
+        features = encode(place_batch(batch["image"], sharding))
+        if pending is not None:
+            collect(pending)
+        pending = (features, labels, mask)
+        steps += 1
+        examples += int(mask.sum())
+        bar.update(steps, examples)
+    if pending is not None:
+        collect(pending)
+    bar.close(steps, examples)
+
+    if not feature_chunks:
+        raise ValueError("extract_features got no batches.")
+    return np.concatenate(feature_chunks), np.concatenate(label_chunks)

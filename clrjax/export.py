@@ -1,0 +1,366 @@
+"""Encoder-only artifacts for downstream use, and a loader that needs no training code.
+
+``export_encoder(out_dir, model_cfg, encoder_variables)`` writes::
+
+    out_dir/model_config.json        the resolved encoder config (every field, see clrjax.models)
+    out_dir/encoder/                 Orbax (StandardCheckpointer) checkpoint of the variables
+    out_dir/encoder.safetensors      flat float32 arrays + the config in the metadata
+    out_dir/encoder_torchvision.pt   ResNets: a torchvision state_dict (needs torch)
+    out_dir/encoder_timm.pt          ViTs: a timm vit_*_patch16_224 state_dict (needs torch)
+
+``encoder_variables`` is ``{'params': ..., 'batch_stats': ...}``: the
+'encoder' subtree of the :class:`clrjax.models.SSLModel` variables
+(``batch_stats`` is absent for ViTs).
+
+Names in ``encoder.safetensors``
+--------------------------------
+``'{collection}/{module}/.../{leaf}'``: the flax variable path joined by '/',
+e.g. ``params/conv1/kernel``, ``params/layer1_0/bn1/scale``,
+``batch_stats/layer1_0/bn1/mean``, ``params/blocks_3/attn/qkv/kernel``.
+Layouts are flax's: conv kernels ``[kh, kw, in, out]`` (HWIO), dense kernels
+``[in, out]``. Metadata: ``format='clrjax-encoder'``, ``format_version='1'``,
+``model_config=<JSON>``. The module names per architecture are listed in the
+docstrings of :mod:`clrjax.models.resnet`, :mod:`clrjax.models.vit`,
+:mod:`clrjax.models.cnn`.
+
+torchvision names (ResNet-18/34/50, ``encoder_torchvision.pt``)
+----------------------------------------------------------------
+==================================  ======================================  ===========
+flax                                torchvision                             layout
+==================================  ======================================  ===========
+params/conv1/kernel                 conv1.weight                            HWIO->OIHW
+params/bn1/{scale,bias}             bn1.{weight,bias}
+batch_stats/bn1/{mean,var}          bn1.{running_mean,running_var}
+(none)                              bn1.num_batches_tracked                 int64 0
+params/layer{s}_{b}/conv{k}/kernel  layer{s}.{b}.conv{k}.weight             HWIO->OIHW
+.../layer{s}_{b}/bn{k}/...          layer{s}.{b}.bn{k}....                  as bn1
+.../layer{s}_{b}/downsample_conv    layer{s}.{b}.downsample.0.weight        HWIO->OIHW
+.../layer{s}_{b}/downsample_bn      layer{s}.{b}.downsample.1.*             as bn1
+params/fc/{kernel,bias}             fc.{weight,bias} (only with a head)     [in,out]->[out,in]
+==================================  ======================================  ===========
+
+``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` then loads
+every backbone weight; only ``fc.*`` stays missing (the SSL encoder has no
+classifier). Exceptions: with ``cifar_stem=True`` ``conv1.weight`` is
+``[w, 3, 3, 3]``: first set ``model.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)``
+and ``model.maxpool = nn.Identity()``; a ``width_multiplier`` other than 1 has
+no torchvision equivalent (shapes differ).
+
+timm names (ViT, ``encoder_timm.pt``)
+-------------------------------------
+===================================  =============================  ==========
+flax                                 timm VisionTransformer         layout
+===================================  =============================  ==========
+params/patch_embed/{kernel,bias}     patch_embed.proj.{weight,bias}  HWIO->OIHW
+params/cls_token, params/pos_embed   cls_token, pos_embed           same
+params/blocks_{i}/norm{1,2}/scale    blocks.{i}.norm{1,2}.weight
+params/blocks_{i}/attn/qkv/kernel    blocks.{i}.attn.qkv.weight     [in,out]->[out,in]
+params/blocks_{i}/attn/proj/...      blocks.{i}.attn.proj....       as qkv
+params/blocks_{i}/mlp/fc{1,2}/...    blocks.{i}.mlp.fc{1,2}....     as qkv
+params/norm/{scale,bias}             norm.{weight,bias}
+params/head/{kernel,bias}            head.{weight,bias} (if any)    [in,out]->[out,in]
+===================================  =============================  ==========
+
+``pos_embed`` has ``1 + (H/16)(W/16)`` rows for the training image size
+(197 only at 224x224); load with ``strict=False`` for ``head.*`` and build the
+timm model with ``img_size=`` the training size otherwise.
+
+Loading, per format (what a user writes)
+----------------------------------------
+clrjax, from the directory (Orbax) or the single .safetensors file::
+
+    from clrjax.export import load_encoder
+    encoder = load_encoder("out_dir")                       # or "out_dir/encoder.safetensors"
+    features = encoder(images)                              # float [B, H, W, C] -> [B, F]
+
+Flax without the loader (Orbax)::
+
+    import json, orbax.checkpoint as ocp
+    from clrjax.models import build_encoder
+    cfg = json.load(open("out_dir/model_config.json"))
+    variables = ocp.StandardCheckpointer().restore("/abs/path/out_dir/encoder")
+    features = build_encoder(cfg).apply(variables, images, train=False)
+
+safetensors (any framework; numpy shown)::
+
+    from safetensors.numpy import load_file
+    arrays = load_file("out_dir/encoder.safetensors")       # {'params/conv1/kernel': ndarray, ...}
+
+PyTorch / torchvision (ResNet)::
+
+    import torch, torchvision
+    model = torchvision.models.resnet50()
+    missing, unexpected = model.load_state_dict(torch.load("out_dir/encoder_torchvision.pt"), strict=False)
+    model.fc = torch.nn.Identity()                          # features = model(images_nchw)
+
+PyTorch / timm (ViT)::
+
+    import timm, torch
+    model = timm.create_model("vit_base_patch16_224", num_classes=0)
+    model.load_state_dict(torch.load("out_dir/encoder_timm.pt"), strict=False)
+
+Inputs are float NHWC for clrjax and NCHW for torch, normalised exactly as in
+training (the export does not record the normalisation).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clrjax.models import build_encoder, resolve_model_config
+
+FORMATS = ("orbax", "safetensors", "torch")
+FORMAT_NAME = "clrjax-encoder"
+FORMAT_VERSION = "1"
+CONFIG_FILE = "model_config.json"
+ORBAX_DIR = "encoder"
+SAFETENSORS_FILE = "encoder.safetensors"
+TORCHVISION_FILE = "encoder_torchvision.pt"
+TIMM_FILE = "encoder_timm.pt"
+
+
+# ---------------------------------------------------------------------------
+# Flat names
+# ---------------------------------------------------------------------------
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Host copy of one array; gathers multi-host (non fully addressable) arrays first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # only needed on multi-host runs
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def flatten_variables(variables: Mapping) -> Dict[str, np.ndarray]:
+    """{'params': {'conv1': {'kernel': a}}} -> {'params/conv1/kernel': float32 ndarray}."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]:
+        name = "/".join(str(k.key) for k in path)
+        flat[name] = np.ascontiguousarray(_to_numpy(leaf), dtype=np.float32)
+    return flat
+
+
+def unflatten_variables(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+    """Inverse of :func:`flatten_variables` (nested plain dicts)."""
+    tree: Dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+# ---------------------------------------------------------------------------
+# torchvision / timm name mappings (numpy arrays; torch only to save)
+# ---------------------------------------------------------------------------
+
+# flax leaf name -> torch parameter/buffer name.
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias",
+               "mean": "running_mean", "var": "running_var"}
+
+
+def _torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    """flax kernels -> torch: conv HWIO -> OIHW, dense [in, out] -> [out, in]."""
+    if leaf == "kernel" and value.ndim == 4:
+        return np.transpose(value, (3, 2, 0, 1))
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _convert(flat: Mapping[str, np.ndarray], module_name) -> Dict[str, np.ndarray]:
+    """Renames every flat flax variable with ``module_name(parts) -> torch module path``."""
+    out = {}
+    for name, value in flat.items():
+        _, *modules, leaf = name.split("/")  # drop the collection ('params' / 'batch_stats')
+        key = ".".join(filter(None, [module_name(modules), _LEAF_NAMES.get(leaf, leaf)]))
+        out[key] = np.ascontiguousarray(_torch_layout(leaf, value))
+    return out
+
+
+def _torchvision_module(modules: Sequence[str]) -> str:
+    parts = []
+    for part in modules:
+        block = re.fullmatch(r"layer(\d)_(\d+)", part)
+        if block:
+            parts += [f"layer{block[1]}", block[2]]
+        elif part == "downsample_conv":
+            parts += ["downsample", "0"]
+        elif part == "downsample_bn":
+            parts += ["downsample", "1"]
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def torchvision_arrays(encoder_variables: Mapping) -> Dict[str, np.ndarray]:
+    """ResNet variables -> {torchvision state_dict key: numpy array}; see the module docstring.
+
+    Adds ``num_batches_tracked`` (int64 0) for every BatchNorm, as
+    torchvision's state_dict has it; it is unused in eval mode and when
+    ``momentum`` is set.
+    """
+    out = _convert(flatten_variables(encoder_variables), _torchvision_module)
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out[key[: -len("running_mean")] + "num_batches_tracked"] = np.array(0, dtype=np.int64)
+    return out
+
+
+def _timm_module(modules: Sequence[str]) -> str:
+    parts = []
+    for part in modules:
+        block = re.fullmatch(r"blocks_(\d+)", part)
+        if block:
+            parts += ["blocks", block[1]]
+        elif part == "patch_embed":
+            parts += ["patch_embed", "proj"]
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def timm_arrays(encoder_variables: Mapping) -> Dict[str, np.ndarray]:
+    """ViT variables -> {timm VisionTransformer state_dict key: numpy array}; see the module docstring."""
+    return _convert(flatten_variables(encoder_variables), _timm_module)
+
+
+def _save_torch(arrays: Mapping[str, np.ndarray], path: str) -> None:
+    try:
+        import torch
+    except ImportError as e:  # torch is an optional extra
+        raise ImportError("export format 'torch' needs PyTorch: `pip install torch`, "
+                          "or pass formats=('orbax', 'safetensors').") from e
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, path)
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+def export_encoder(out_dir: str, model_cfg: Mapping, encoder_variables: Mapping,
+                   formats: Sequence[str] = FORMATS) -> Dict[str, str]:
+    """Writes the encoder in the requested formats; returns {format: path written}.
+
+    Args:
+      out_dir: directory (created if needed; existing files are overwritten).
+      model_cfg: the encoder config (validated, every default written out).
+      encoder_variables: {'params': ..., 'batch_stats': ...} of the encoder.
+      formats: subset of ('orbax', 'safetensors', 'torch'). 'torch' writes a
+        torchvision state_dict for ResNets, a timm one for ViTs, and nothing
+        for cnn_small (no torch counterpart; logged).
+
+    Multi-host: call it on every process (the Orbax save is collective);
+    only process 0 writes the other files.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"export format {unknown[0]!r} is unknown; use any of {', '.join(FORMATS)}.")
+    cfg = resolve_model_config(model_cfg)
+    out_dir = os.path.abspath(out_dir)  # Orbax requires absolute paths
+    os.makedirs(out_dir, exist_ok=True)
+    flat = flatten_variables(encoder_variables)
+    primary = jax.process_index() == 0
+    written = {}
+
+    if primary:
+        with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        written["config"] = os.path.join(out_dir, CONFIG_FILE)
+    if "orbax" in formats:
+        import orbax.checkpoint as ocp
+        path = os.path.join(out_dir, ORBAX_DIR)
+        checkpointer = ocp.StandardCheckpointer()
+        # Numpy leaves: restoring needs no mesh or sharding, on any device count.
+        checkpointer.save(path, unflatten_variables(flat), force=True)
+        checkpointer.wait_until_finished()
+        written["orbax"] = path
+    if "safetensors" in formats and primary:
+        from safetensors.numpy import save_file
+        path = os.path.join(out_dir, SAFETENSORS_FILE)
+        save_file(flat, path, metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                                        "model_config": json.dumps(cfg, sort_keys=True)})
+        written["safetensors"] = path
+    if "torch" in formats and primary:
+        if cfg["name"].startswith("resnet"):
+            path = os.path.join(out_dir, TORCHVISION_FILE)
+            _save_torch(torchvision_arrays(encoder_variables), path)
+            written["torch"] = path
+        elif cfg["name"].startswith("vit"):
+            path = os.path.join(out_dir, TIMM_FILE)
+            _save_torch(timm_arrays(encoder_variables), path)
+            written["torch"] = path
+        else:
+            logging.info("export: %s has no torch counterpart; skipped the 'torch' format.", cfg["name"])
+    return written
+
+
+# ---------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------
+
+class Encoder:
+    """A loaded encoder: ``encoder(images [B, H, W, C] float) -> float32 features [B, F]``.
+
+    Runs in eval mode (BatchNorm running statistics), jitted once per input
+    shape. Attributes: ``model_cfg`` (resolved dict), ``variables``
+    (``{'params', 'batch_stats'}`` of jax arrays), ``module`` (the flax module).
+    """
+
+    def __init__(self, model_cfg: Mapping, variables: Mapping):
+        self.model_cfg = resolve_model_config(model_cfg)
+        self.variables = jax.tree.map(jnp.asarray, dict(variables))
+        self.module = build_encoder(self.model_cfg)
+        self._apply = jax.jit(lambda v, x: self.module.apply(v, x, train=False))
+
+    def __call__(self, images) -> jax.Array:
+        return self._apply(self.variables, jnp.asarray(images, jnp.float32))
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.model_cfg})"
+
+
+def _read_safetensors(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    with safe_open(path, framework="numpy") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT_NAME or "model_config" not in metadata:
+        raise ValueError(f"{path} is not a clrjax encoder export (no '{FORMAT_NAME}' metadata); "
+                         "export it with clrjax.export.export_encoder.")
+    return json.loads(metadata["model_config"]), unflatten_variables(load_file(path))
+
+
+def _read_directory(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    orbax_dir = os.path.join(path, ORBAX_DIR)
+    config_path = os.path.join(path, CONFIG_FILE)
+    if os.path.isdir(orbax_dir) and os.path.isfile(config_path):
+        import orbax.checkpoint as ocp
+        with open(config_path) as f:
+            cfg = json.load(f)
+        return cfg, ocp.StandardCheckpointer().restore(orbax_dir)
+    if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
+        return _read_safetensors(os.path.join(path, SAFETENSORS_FILE))
+    raise ValueError(f"{path} holds neither {ORBAX_DIR}/ + {CONFIG_FILE} nor {SAFETENSORS_FILE}; "
+                     "pass the directory written by export_encoder or its .safetensors file.")
+
+
+def load_encoder(path: str) -> Encoder:
+    """Loads an export: the directory (Orbax + model_config.json, else its safetensors) or a .safetensors file."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        cfg, variables = _read_directory(path)
+    elif path.endswith(".safetensors") and os.path.isfile(path):
+        cfg, variables = _read_safetensors(path)
+    else:
+        raise ValueError(f"{path} is neither an export directory nor a .safetensors file; "
+                         "pass the out_dir given to export_encoder.")
+    return Encoder(cfg, variables)

@@ -1,0 +1,50 @@
+"""The pretraining model: encoder f, projector g, and an online linear probe.
+
+    h = f(x)                       features     [B, F] float32
+    z = g(h)                       embeddings   [B, D] float32 (fed to the SSL loss)
+    logits = probe(stop_grad(h))   probe_logits [B, num_classes] float32
+
+The probe sees ``stop_gradient(h)`` so its cross-entropy trains only the probe
+and never shapes the representation (SimCLR's online evaluation, BYOL's
+"online classifier"). The variable tree's top-level names are fixed:
+'encoder', 'projector', 'probe' -- the trainer gives 'probe' its own
+optimizer, and the export takes the 'encoder' subtree.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import flax.linen as nn
+import jax
+
+from clrjax.models.heads import LinearProbe
+
+
+class SSLModel(nn.Module):
+    """Encoder + projector + online probe; see the module docstring.
+
+    Attributes:
+      encoder: any clrjax encoder (``__call__(x, train) -> [B, F]``).
+      projector: a :class:`clrjax.models.heads.Projector`.
+      num_classes: number of classes of the online linear probe.
+    """
+
+    encoder: nn.Module
+    projector: nn.Module
+    num_classes: int
+
+    def setup(self):
+        # The probe is built here (not passed in) so its name is always 'probe';
+        # modules passed as attributes are named after the attribute.
+        self.probe = LinearProbe(self.num_classes)
+
+    def __call__(self, x, train: bool) -> Dict[str, jax.Array]:
+        """x: float [B, H, W, C] -> dict(features, embeddings, probe_logits)."""
+        h = self.encoder(x, train=train)
+        z = self.projector(h, train=train)
+        logits = self.probe(jax.lax.stop_gradient(h))
+        return {"features": h, "embeddings": z, "probe_logits": logits}
+
+    def encode(self, x, train: bool = False) -> jax.Array:
+        """x: float [B, H, W, C] -> features [B, F] float32 (encoder only)."""
+        return self.encoder(x, train=train)

@@ -1,0 +1,149 @@
+"""Vision Transformer (ViT) encoders, patch size 16, in the timm layout.
+
+Source: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), as
+implemented by timm's ``VisionTransformer`` (``vit_{tiny,small,base}_patch16_224``):
+learnable cls token and position embeddings, pre-LayerNorm blocks (eps 1e-6),
+fused qkv projection with bias, exact (erf) GELU MLP of ratio 4, final
+LayerNorm; the features are the final-LN cls token.
+
+Parameter names mirror timm's so that :mod:`clrjax.export` maps them one to one::
+
+    patch_embed/kernel [16, 16, C, D], patch_embed/bias [D]
+    cls_token [1, 1, D], pos_embed [1, 1 + N, D]
+    blocks_{i}/norm1, attn/qkv [D, 3D], attn/proj, norm2, mlp/fc1, mlp/fc2
+    norm                               final LayerNorm
+    head                               optional classification head
+
+Shapes: input float ``[B, H, W, C]`` with H and W divisible by 16; N =
+(H/16)(W/16) is fixed by the image size used at ``init`` (position
+embeddings are not interpolated). Output float32 ``[B, D]`` (logits
+``[B, num_classes]`` when ``num_classes`` is set).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PATCH_SIZE = 16
+# (hidden dim D, depth, heads); MLP dim is 4 D. timm vit_{tiny,small,base}_patch16_224.
+VIT_SPECS = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+
+_dense_init = nn.initializers.xavier_uniform()  # timm's init for every Linear
+_embed_init = nn.initializers.truncated_normal(stddev=0.02)  # timm: trunc_normal_(std=.02)
+_LN_EPS = 1e-6  # timm: partial(nn.LayerNorm, eps=1e-6)
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=_dense_init, dtype=dtype,
+                    param_dtype=jnp.float32, name=name)
+
+
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's fused qkv: [B, N, D] -> [B, N, D]."""
+
+    dim: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, tokens, _ = x.shape
+        head_dim = self.dim // self.num_heads
+        qkv = _dense(3 * self.dim, self.dtype, "qkv")(x)
+        # timm: reshape(B, N, 3, heads, head_dim); the export relies on this order.
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+        # Softmax in float32: bf16 logits lose the small attention weights.
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, self.dim)
+        return _dense(self.dim, self.dtype, "proj")(out)
+
+
+class Mlp(nn.Module):
+    """fc1 (D -> 4D) - GELU (exact, as torch.nn.GELU) - fc2 (4D -> D)."""
+
+    dim: int
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = _dense(self.hidden_dim, self.dtype, "fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return _dense(self.dim, self.dtype, "fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + Attention(self.dim, self.num_heads, self.dtype, name="attn")(
+            _layer_norm(self.dtype, "norm1")(x))
+        return x + Mlp(self.dim, self.mlp_ratio * self.dim, self.dtype, name="mlp")(
+            _layer_norm(self.dtype, "norm2")(x))
+
+
+class ViT(nn.Module):
+    """ViT encoder (timm layout), see the module docstring.
+
+    Attributes:
+      dim, depth, num_heads: D, number of blocks, attention heads.
+      patch_size: 16 for the registered models.
+      remat: wrap each block in ``nn.remat`` (recompute activations in the
+        backward pass: less memory, ~30% more compute, same numbers).
+      num_classes: if set, a final Linear 'head' on the cls feature.
+      dtype: compute dtype; parameters are always float32.
+    """
+
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    patch_size: int = PATCH_SIZE
+    remat: bool = False
+    num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """x: float [B, H, W, C] -> float32 features [B, D]. ``train`` is unused (no dropout/BN)."""
+        del train  # Same computation in both modes; kept for the common encoder signature.
+        p = self.patch_size
+        x = jnp.asarray(x, self.dtype)
+        x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID",
+                    kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
+                    param_dtype=jnp.float32, name="patch_embed")(x)
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, self.dim)  # row-major patches, as timm's flatten(2)
+
+        cls = self.param("cls_token", _embed_init, (1, 1, self.dim), jnp.float32)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.dim)).astype(x.dtype), x], axis=1)
+        pos = self.param("pos_embed", _embed_init, (1, x.shape[1], self.dim), jnp.float32)
+        x = x + pos.astype(x.dtype)
+
+        block_cls = nn.remat(Block) if self.remat else Block
+        for i in range(self.depth):
+            x = block_cls(self.dim, self.num_heads, dtype=self.dtype, name=f"blocks_{i}")(x)
+        x = _layer_norm(self.dtype, "norm")(x)
+        features = x[:, 0].astype(jnp.float32)
+        if self.num_classes is None:
+            return features
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32,
+                        param_dtype=jnp.float32, name="head")(features)

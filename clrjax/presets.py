@@ -1,0 +1,105 @@
+"""Dataset/architecture presets shared by the four method configs.
+
+``configs/<method>.py:<preset>`` starts from :func:`clrjax.config.base_config`,
+applies :func:`apply_dataset_preset` (data, augmentation, encoder) and then the
+method's own recipe (loss, projector, optimizer, batch, epochs), so each
+method file holds only what its paper specifies.
+"""
+from __future__ import annotations
+
+PRESETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet")
+
+# Channel statistics used for normalisation after augmentation.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_preset(arg: str | None, default: str = "digits") -> str:
+    preset = (arg or default).strip()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)} "
+                         "(e.g. --config=configs/simclr.py:digits).")
+    return preset
+
+
+def apply_dataset_preset(c, preset: str) -> None:
+    """Fills dataset, augment and model fields of config ``c`` for ``preset``."""
+    {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10,
+     "cifar100": _cifar100, "imagenet": _imagenet}[preset](c)
+
+
+def _small_grayscale_augment(c, crop_size: int, flip_prob: float) -> None:
+    """Gentle augmentation for tiny grayscale images: a crop of 8x8 pixels has
+    little room, so the crop keeps at least 40% of the area, and blur and
+    solarisation (which destroy most of the signal at this size) are off."""
+    a = c.augment
+    a.crop_size = crop_size
+    a.crop_scale = (0.4, 1.0)
+    a.flip_prob = flip_prob
+    a.jitter_strength = 0.5
+    a.jitter_prob = 0.8
+    a.gray_prob = 0.0          # one channel already
+    a.blur_prob = (0.0, 0.0)
+    a.solarize_prob = (0.0, 0.0)
+
+
+def _digits(c) -> None:
+    c.dataset.name = "digits"          # scikit-learn's 8x8 digits: ships in the wheel, works offline
+    _small_grayscale_augment(c, crop_size=8, flip_prob=0.0)  # mirrored digits are other symbols
+    c.augment.mean = (0.27,)           # digits pixel mean in [0, 1] (measured on the train split)
+    c.augment.std = (0.38,)            # digits pixel std
+    c.model.name = "cnn_small"         # 4 conv layers 32-64-128-128 (STACK_NOTES: ~1,580 img/s on 2 cores)
+    c.model.widths = (32, 64, 128, 128)  # channel widths of the four conv layers
+    c.model.stem_stride = 1            # 8x8 input: no downsampling in the stem
+    c.eval.batch_size = 512            # feature-extraction batch
+
+
+def _fashion_mnist(c) -> None:
+    c.dataset.name = "fashion_mnist"   # IDX .gz files (Debian package dataset-fashion-mnist)
+    c.dataset.data_dir = "/usr/share/datasets/fashion-mnist"  # where the Debian package puts them
+    _small_grayscale_augment(c, crop_size=28, flip_prob=0.5)
+    c.augment.crop_scale = (0.2, 1.0)  # 28x28 leaves room for stronger crops than digits
+    c.augment.mean = (0.286,)          # Fashion-MNIST pixel mean
+    c.augment.std = (0.353,)           # Fashion-MNIST pixel std
+    c.model.name = "cnn_small"
+    c.model.widths = (32, 64, 128, 128)
+    c.model.stem_stride = 2            # stride 1 at 28x28 is 10x slower on CPU (STACK_NOTES)
+    c.eval.batch_size = 1024
+
+
+def _cifar(c, name: str, mean, std) -> None:
+    c.dataset.name = name              # TFDS array_record; build once with `tfds build`
+    a = c.augment
+    a.crop_size = 32                   # CIFAR images are 32x32
+    a.crop_scale = (0.08, 1.0)         # Inception crop as for ImageNet (SimCLR app. B.9)
+    a.jitter_strength = 0.5            # SimCLR app. B.9: colour strength 0.5 on CIFAR
+    a.blur_prob = (0.0, 0.0)           # SimCLR app. B.9: Gaussian blur left out on CIFAR
+    a.solarize_prob = (0.0, 0.0)
+    a.mean, a.std = mean, std
+    c.model.name = "resnet18"          # SimCLR official README CIFAR-10 example: resnet_depth=18
+    c.model.cifar_stem = True          # 3x3 stride-1 stem, no max-pool (SimCLR app. B.9)
+
+
+def _cifar10(c) -> None:
+    _cifar(c, "cifar10", CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _cifar100(c) -> None:
+    _cifar(c, "cifar100", CIFAR100_MEAN, CIFAR100_STD)
+
+
+def _imagenet(c) -> None:
+    c.dataset.name = "imagenet2012"    # TFDS array_record (manual download + `tfds build`)
+    c.dataset.image_size = 256         # host decodes and resizes/crops to 256 before device crops
+    c.dataset.test_split = "validation"  # ImageNet's labelled evaluation split
+    a = c.augment
+    a.crop_size = 224                  # SimCLR/BYOL training crop
+    a.crop_scale = (0.08, 1.0)         # SimCLR app. A
+    a.jitter_strength = 1.0            # SimCLR app. A
+    a.blur_prob = (1.0, 0.1)           # BYOL table 6
+    a.solarize_prob = (0.0, 0.2)       # BYOL table 6
+    a.mean, a.std = IMAGENET_MEAN, IMAGENET_STD
+    c.model.name = "resnet50"          # the papers' standard encoder
+    c.model.dtype = "bfloat16"         # bf16 compute, float32 parameters
+    c.eval.batch_size = 1024

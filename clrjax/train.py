@@ -1,0 +1,416 @@
+"""Pretraining: the train state, one jitted step over the device mesh, the loop.
+
+One step (DESIGN.md):
+  * two augmented views per image, on device; each example's randomness is
+    ``fold_in(fold_in(rng, step), global_example_index)`` so nothing depends
+    on how many devices or processes share the batch;
+  * the encoder and projector run under plain ``jax.jit`` on the global,
+    batch-sharded array, so BatchNorm statistics are global-batch statistics;
+  * the loss runs per shard under ``jax.shard_map`` with named-axis
+    collectives (``clrjax.losses``) and returns the global-batch loss;
+  * an online linear probe trains on ``stop_gradient`` features with its own
+    optimizer (SimCLR appendix B.6, BYOL appendix C.1);
+  * a non-finite loss or gradient never reaches the state: the update is
+    dropped inside the step and the host decides to stop or skip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from clrjax import checkpoint as ckpt_lib
+from clrjax import config as config_lib
+from clrjax import losses, metrics as metrics_lib, models, optim, parallel
+from clrjax.data import augment, pipeline, sources
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because a loss or gradient was NaN/Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array            # completed optimisation steps
+    params: Any                # {'encoder', 'projector', 'probe'}
+    batch_stats: Any           # BatchNorm running statistics
+    opt_state: Any             # optax state of the SSL optimizer and the probe's
+    method_state: Any          # e.g. TiCo's running covariance; {} when stateless
+    rng: jax.Array             # base key; step keys are fold_in(rng, step)
+    skips: jax.Array           # consecutive dropped (non-finite) updates
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config before the first step."""
+    config: Any
+    model: Any
+    method: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    mesh: Any
+    train_source: Any
+    steps_per_epoch: int
+    total_steps: int
+    image_shape: tuple
+
+
+def total_training_steps(config, num_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps); the remainder of each epoch is dropped."""
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise config_lib.ConfigError(
+            f"config.batch_size is {config.batch_size} but the training split has only "
+            f"{num_examples} examples; use a batch size of at most {num_examples}.")
+    if config.num_steps > 0:
+        return steps_per_epoch, int(config.num_steps)
+    return steps_per_epoch, max(1, int(round(config.num_epochs * steps_per_epoch)))
+
+
+def _param_partition(params) -> dict:
+    """'probe' for the online probe's parameters, 'ssl' for everything else."""
+    return {name: jax.tree.map(lambda _: "probe" if name == "probe" else "ssl", sub)
+            for name, sub in params.items()}
+
+
+def build_optimizer(config, steps_per_epoch: int, total_steps: int):
+    """The SSL optimizer on encoder+projector and Adam(W) on the probe, as one optax transform."""
+    ssl_tx, schedule = optim.build_optimizer(
+        config.optimizer.to_dict(), global_batch=config.batch_size,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    probe_tx = optax.adamw(config.probe.lr, weight_decay=config.probe.weight_decay)
+    return optax.multi_transform({"ssl": ssl_tx, "probe": probe_tx}, _param_partition), schedule
+
+
+def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> Experiment:
+    """Validates the config, loads the training split and builds model and optimizer."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    config_lib.validate_config(config, num_devices=mesh.size, num_processes=num_processes)
+    train_source = sources.load_source(config.dataset.to_dict(), config.dataset.train_split)
+    image_shape = tuple(train_source.image_shape)
+    models.check_input_size(config.model.to_dict(), config.augment.crop_size)
+    _check_channels(config, image_shape)
+    steps_per_epoch, total_steps = total_training_steps(config, len(train_source))
+    model = models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(),
+                                   train_source.num_classes)
+    tx, schedule = build_optimizer(config, steps_per_epoch, total_steps)
+    return Experiment(config=config, model=model, method=losses.get_method(config.method), tx=tx,
+                      schedule=schedule, mesh=mesh, train_source=train_source,
+                      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                      image_shape=image_shape)
+
+
+def _check_channels(config, image_shape) -> None:
+    channels = image_shape[-1]
+    for field in ("mean", "std"):
+        if len(config.augment[field]) < channels:
+            raise config_lib.ConfigError(
+                f"config.augment.{field} has {len(config.augment[field])} values but the images have "
+                f"{channels} channels; give one value per channel.")
+
+
+def model_input_shape(exp: Experiment) -> tuple:
+    crop = exp.config.augment.crop_size
+    return (crop, crop, exp.image_shape[-1])
+
+
+def init_train_state(exp: Experiment) -> TrainState:
+    """Initial state, replicated over the mesh (same on every process: same seed)."""
+    config = exp.config
+    init_key, aug_key = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init_fn():
+        dummy = jnp.zeros((2,) + model_input_shape(exp), jnp.float32)
+        variables = exp.model.init(init_key, dummy, train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params,
+            batch_stats=variables.get("batch_stats", {}), opt_state=exp.tx.init(params),
+            method_state=exp.method.init_state(config.projector.out_dim),
+            rng=aug_key, skips=jnp.zeros((), jnp.int32))
+
+    return jax.jit(init_fn, out_shardings=parallel.replicated(exp.mesh))()
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _views_as_one_batch(view_a, view_b):
+    """[B,...] x 2 -> [2B,...] with the two views of example i at rows 2i, 2i+1.
+
+    Interleaving (rather than concatenating) keeps each device's rows on that
+    device, so the encoder needs no communication beyond BatchNorm's sums.
+    """
+    both = jnp.stack([view_a, view_b], axis=1)
+    return both.reshape((-1,) + view_a.shape[1:])
+
+
+def _probe_metrics(logits, labels):
+    """Cross-entropy and accuracy of the online probe on both views."""
+    per_view_labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, per_view_labels).mean()
+    acc = (jnp.argmax(logits, -1) == per_view_labels).mean()
+    return loss, acc
+
+
+def make_train_step(exp: Experiment, *, jit: bool = True):
+    """Returns ``step(state, batch) -> (state, metrics)`` jitted over the mesh.
+
+    ``batch`` holds 'image' uint8 [B,H,W,C], 'label' int32 [B] and 'index'
+    int32 [B] (global example counter), sharded over the batch axis.
+    """
+    config = exp.config
+    method, model, tx = exp.method, exp.model, exp.tx
+    loss_kwargs = config_lib.loss_kwargs(config)
+    aug_cfg = config.augment.to_dict()
+
+    def per_shard_loss(z_a, z_b, method_state):
+        return method.apply(z_a, z_b, method_state, axis_name=parallel.DATA_AXIS, **loss_kwargs)
+
+    sharded_loss = jax.shard_map(
+        per_shard_loss, mesh=exp.mesh,
+        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P()),
+        out_specs=(P(), P(), P()))
+
+    def loss_fn(params, state, views, labels):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        out, mutated = model.apply(variables, views, train=True, mutable=["batch_stats"])
+        n = labels.shape[0]
+        z = out["embeddings"].reshape(n, 2, -1)
+        ssl_loss, method_state, loss_metrics = sharded_loss(z[:, 0], z[:, 1], state.method_state)
+        probe_loss, probe_acc = _probe_metrics(out["probe_logits"].reshape(n, 2, -1), labels)
+        aux = (mutated["batch_stats"], method_state, loss_metrics, ssl_loss, probe_loss, probe_acc)
+        return ssl_loss + probe_loss, aux
+
+    def step_fn(state: TrainState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        view_a, view_b = augment.two_views(batch["image"], batch["index"], key, aug_cfg)
+        views = _views_as_one_batch(view_a, view_b)
+        grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, views, batch["label"])
+        batch_stats, method_state, loss_metrics, ssl_loss, probe_loss, probe_acc = aux
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(ssl_loss) & jnp.isfinite(probe_loss) & jnp.isfinite(grad_norm)
+        updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                batch_stats=batch_stats, opt_state=opt_state,
+                                method_state=method_state, skips=jnp.zeros_like(state.skips))
+        dropped = state.replace(step=state.step + 1, skips=state.skips + 1)
+        new_state = jax.tree.map(lambda u, d: jnp.where(finite, u, d), updated, dropped)
+        step_metrics = dict(loss_metrics, loss=ssl_loss, probe_loss=probe_loss, probe_acc=probe_acc,
+                            grad_norm=grad_norm, finite=finite, lr=exp.schedule(state.step))
+        return new_state, step_metrics
+
+    if not jit:
+        return step_fn
+    return jax.jit(step_fn,
+                   in_shardings=(parallel.replicated(exp.mesh), parallel.batch_sharding(exp.mesh)),
+                   out_shardings=(parallel.replicated(exp.mesh), parallel.replicated(exp.mesh)),
+                   donate_argnums=0)
+
+
+# --------------------------------------------------------------------------- run identity
+
+
+# Fields that change how a run is observed or saved but not what it computes:
+# they may differ between a run and its resumption without --allow_config_change.
+OPERATIONAL_FIELDS = ("log_every_steps", "checkpoint", "eval")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of fields whose values differ (operational fields excluded)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        field = f"{prefix}{key}"
+        if field in OPERATIONAL_FIELDS:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, prefix=f"{field}.")
+        elif _normalise(a) != _normalise(b):
+            diffs.append(f"{field}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _normalise(value):
+    return json.loads(json.dumps(value))
+
+
+def check_resume_config(workdir: str, config, allow_change: bool) -> None:
+    """Refuses to resume a run whose saved config differs, unless allowed."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = config_differences(saved, config.to_dict())
+    if diffs and not allow_change:
+        raise config_lib.ConfigError(
+            f"the workdir {workdir} holds a run with a different config ({'; '.join(diffs)}); "
+            "use a new --workdir, or pass --allow_config_change to resume with the new values.")
+    if diffs:
+        logging.warning("Resuming with a changed config: %s", "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    exp: Experiment
+    final_metrics: dict
+    steps_run: int
+    stopped_early: bool = False
+
+
+def _check_workdir_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise config_lib.ConfigError(
+            f"the workdir {workdir} is not writable ({err.strerror}); choose a --workdir you can write to.") from None
+
+
+def _host_scalars(step_metrics) -> dict:
+    host = jax.device_get(step_metrics)
+    return {k: (bool(v) if k == "finite" else float(v)) for k, v in host.items()}
+
+
+def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
+          stop_after_steps: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None) -> RunResult:
+    """Pretrains (or resumes) the run in ``workdir`` until ``total_steps``.
+
+    ``stop_after_steps`` ends this invocation early after that many steps (a
+    checkpoint is written), which is how tests emulate an interrupted run.
+    ``should_stop`` is polled after each step (e.g. a SIGTERM flag); when it
+    returns True the loop saves and returns with ``stopped_early``.
+    """
+    main = parallel.is_main_process()
+    _check_workdir_writable(workdir)
+    exp = build_experiment(config, mesh)
+    check_resume_config(workdir, config, allow_config_change)
+
+    state = init_train_state(exp)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         every_steps=config.checkpoint.every_steps,
+                                         keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
+    for leftover in checkpointer.incomplete():
+        logging.warning("Ignoring incomplete checkpoint %s (an interrupted save).", leftover)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+        logging.info("Resumed from step %d in %s", latest, checkpointer.directory)
+    if main:
+        metrics_lib.write_config_json(workdir, config)
+
+    start = int(jax.device_get(state.step))
+    if start >= exp.total_steps:
+        logging.info("Run in %s already finished (%d/%d steps).", workdir, start, exp.total_steps)
+        checkpointer.close()
+        return RunResult(state, exp, _last_logged(workdir), 0)
+
+    end = exp.total_steps if stop_after_steps is None else min(exp.total_steps, start + stop_after_steps)
+    result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
+    checkpointer.close()
+    if main and result.state is not None and int(result.state.step) >= exp.total_steps:
+        metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+    return result
+
+
+def _last_logged(workdir: str) -> dict:
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = metrics_lib.read_metrics(path) if os.path.exists(path) else []
+    return rows[-1] if rows else {}
+
+
+def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop) -> RunResult:
+    config = exp.config
+    step_fn = make_train_step(exp)
+    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  start_step=start)
+    writer = metrics_lib.MetricWriter(workdir, enabled=main)
+    progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
+    policy, max_skips = config.nonfinite.policy, config.nonfinite.max_consecutive_skips
+    pending = None          # the previous step's metrics, read one step late so the host never stalls the device
+    last_logged, stopped_early = {}, False
+    t_last, steps_since_log = time.perf_counter(), 0
+    try:
+        for step in range(start, end):
+            batch = parallel.host_to_global(_model_batch(next(loader)), exp.mesh)
+            state, step_metrics = step_fn(state, batch)
+            if pending is not None:
+                _check_finite(pending, policy, max_skips, checkpointer)
+            pending = (step + 1, step_metrics, state.skips)
+            steps_since_log += 1
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == end:
+                scalars = _host_scalars(step_metrics)
+                elapsed = time.perf_counter() - t_last
+                scalars["images_per_sec"] = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+                scalars["epoch"] = done / exp.steps_per_epoch
+                writer.write_scalars(done, scalars)
+                if progress is not None:
+                    progress.update(done, scalars, config.batch_size)
+                last_logged = dict(scalars, step=done)
+                t_last, steps_since_log = time.perf_counter(), 0
+            stop_requested = should_stop is not None and should_stop()
+            if stop_requested or checkpointer.reached_preemption(done):
+                stopped_early = True
+            if checkpointer.should_save(done) or done == end or stopped_early:
+                _check_finite(pending, policy, max_skips, checkpointer)
+                checkpointer.save(done, state, _meta(loader, done), force=True)
+            if stopped_early:
+                break
+        _check_finite(pending, policy, max_skips, checkpointer)
+        checkpointer.wait()
+    finally:
+        loader.close()
+        writer.close()
+    return RunResult(state, exp, last_logged, int(jax.device_get(state.step)) - start, stopped_early)
+
+
+def _model_batch(batch: dict) -> dict:
+    return {"image": batch["image"], "label": batch["label"], "index": batch["index"]}
+
+
+def _meta(loader, step: int) -> dict:
+    return {"step": step, "data": loader.state()}
+
+
+def _check_finite(pending, policy: str, max_skips: int, checkpointer) -> None:
+    """Raises NonFiniteError per the policy when the pending step's update was dropped."""
+    step, step_metrics, skips = pending
+    finite = bool(jax.device_get(step_metrics["finite"]))
+    if finite:
+        return
+    bad = {k: float(v) for k, v in jax.device_get(step_metrics).items()
+           if k in ("loss", "probe_loss", "grad_norm") and not np.isfinite(v)}
+    last_good = checkpointer.latest_step()
+    if policy == "stop" or int(jax.device_get(skips)) >= max_skips:
+        checkpointer.wait()
+        raise NonFiniteError(
+            f"non-finite values at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            f"the update was not applied and the last good checkpoint is step {last_good}. "
+            "Lower the learning rate, or set --config.nonfinite.policy=skip to drop such updates.")
+    logging.warning("Step %d: non-finite %s; update skipped (%d in a row).", step, bad, int(skips))

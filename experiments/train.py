@@ -1,0 +1,86 @@
+r"""Pretrains an encoder; re-running the same command resumes the run.
+
+COMMAND:
+  python experiments/train.py --config=configs/simclr.py:digits --workdir=runs/simclr_digits \
+      [--config.optimizer.lr=3e-3] [--allow_config_change]
+Multi-process (see launch/): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+
+Exit status: 0 finished; 1 error; 3 config error; 4 non-finite values;
+75 (EX_TEMPFAIL) stopped by SIGTERM/preemption after saving: re-run to resume.
+"""
+import os
+import signal
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<method>.py:<preset>).",
+                                         lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json.")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                  "Resume a workdir whose saved config differs from --config.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "Local device ids this process uses.")
+_STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None, "End this invocation after N steps (saves first).")
+
+EXIT_CONFIG_ERROR = 3
+EXIT_NONFINITE = 4
+EXIT_PREEMPTED = 75
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, saves and returns."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self):
+        def handler(signum, _frame):
+            logging.warning("Received signal %d: finishing the current step and saving.", signum)
+            self.requested = True
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        raise app.UsageError("--config and --workdir are required, e.g. "
+                             "--config=configs/simclr.py:digits --workdir=runs/simclr_digits")
+    from clrjax import parallel
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
+    import jax
+    from clrjax import config as config_lib, train
+    from clrjax.evaluation.run_eval import report_and_evaluate
+
+    stop = _StopFlag()
+    stop.install()
+    pid = jax.process_index()
+    try:
+        result = train.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value,
+                             stop_after_steps=_STOP_AFTER.value, should_stop=stop)
+    except config_lib.ConfigError as err:
+        print(f"[process {pid}] config error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except train.NonFiniteError as err:
+        print(f"[process {pid}] stopped: {err}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except Exception as err:  # every process reports a fatal error with its id
+        print(f"[process {pid}] fatal error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
+    if result.stopped_early:
+        print(f"Stopped at step {int(result.state.step)} after a stop request; checkpoint saved in "
+              f"{os.path.abspath(_WORKDIR.value)}. Re-run the same command to resume.")
+        sys.exit(EXIT_PREEMPTED)
+    report_and_evaluate(result, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

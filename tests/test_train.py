@@ -1,0 +1,132 @@
+"""The train step: device-count invariance, exact resume, non-finite guard."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clrjax import config as config_lib
+from clrjax import parallel, train
+from clrjax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("simclr", "barlow_twins", "vicreg", "tico")
+
+
+def tiny_config(method="simclr", **overrides):
+    """The digits preset shrunk to a few milliseconds per step."""
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{method}.py") + ":digits")
+    base = {
+        "model.widths": (8, 16, 16, 16), "projector.hidden_dims": (32,), "projector.out_dim": 16,
+        "batch_size": 32, "num_steps": 4, "log_every_steps": 2, "checkpoint.every_steps": 2,
+        "checkpoint.async_save": False, "eval.final": False,
+        # SGD keeps float32 round-off differences proportional; Adam's g/sqrt(v) can amplify them.
+        "optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.warmup_epochs": 0.0,
+    }
+    base.update(overrides)
+    return config_lib.apply_overrides(config, base)
+
+
+def run_steps(config, num_devices, steps):
+    """Runs ``steps`` train steps on the first ``num_devices`` devices; returns host params, losses."""
+    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    exp = train.build_experiment(config, mesh)
+    state = train.init_train_state(exp)
+    step_fn = train.make_train_step(exp)
+    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
+    losses = []
+    for _ in range(steps):
+        batch = parallel.host_to_global(train._model_batch(next(loader)), mesh)
+        state, m = step_fn(state, batch)
+        losses.append(float(m["loss"]))
+    loader.close()
+    return jax.device_get(state), losses
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_on_8_devices_equals_1_device(method):
+    config = tiny_config(method)
+    state8, loss8 = run_steps(config, 8, 1)
+    state1, loss1 = run_steps(config, 1, 1)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    # float32 reductions in a different order: parameters agree to round-off.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state8.params, state1.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state8.batch_stats, state1.batch_stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 state8.method_state, state1.method_state)
+
+
+def test_three_steps_on_4_devices_track_1_device():
+    config = tiny_config("simclr")
+    _, loss4 = run_steps(config, 4, 3)
+    _, loss1 = run_steps(config, 1, 3)
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-4)
+
+
+def _final_state(config, workdir, stops):
+    """Runs to the end in invocations of ``stops`` steps each (None: one invocation)."""
+    for stop in stops:
+        result = train.train(config, workdir, stop_after_steps=stop)
+    return jax.device_get(result.state)
+
+
+@pytest.mark.parametrize("method", ["simclr", "tico"])
+def test_resume_is_bit_exact(method, tmp_path):
+    # Adam, warmup and a stateful method: everything the checkpoint must carry.
+    config = tiny_config(method, **{"optimizer.name": "adamw", "optimizer.lr": 1e-3,
+                                    "optimizer.warmup_epochs": 0.5})
+    straight = _final_state(config, str(tmp_path / "straight"), [None])
+    resumed = _final_state(config, str(tmp_path / "resumed"), [2, 1, None])
+    assert int(straight.step) == int(resumed.step) == config.num_steps
+    jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+    jax.tree.map(np.testing.assert_array_equal, straight.opt_state, resumed.opt_state)
+    jax.tree.map(np.testing.assert_array_equal, straight.method_state, resumed.method_state)
+    jax.tree.map(np.testing.assert_array_equal, straight.batch_stats, resumed.batch_stats)
+
+
+def test_finished_run_rerun_reports_and_exits(tmp_path):
+    config = tiny_config("simclr", num_steps=2)
+    first = train.train(config, str(tmp_path))
+    again = train.train(config, str(tmp_path))
+    assert first.steps_run == 2 and again.steps_run == 0
+    assert int(again.state.step) == 2
+
+
+def test_resume_with_changed_config_names_the_field(tmp_path):
+    train.train(tiny_config("simclr", num_steps=2), str(tmp_path))
+    changed = tiny_config("simclr", num_steps=2, **{"loss.temperature": 0.7})
+    with pytest.raises(config_lib.ConfigError, match="loss.temperature"):
+        train.train(changed, str(tmp_path))
+    result = train.train(changed, str(tmp_path), allow_config_change=True)
+    assert result.steps_run == 0
+
+
+def test_nonfinite_update_is_dropped_and_stops(tmp_path):
+    config = tiny_config("simclr", num_steps=6, **{"optimizer.lr": 1e30, "optimizer.name": "sgd"})
+    with pytest.raises(train.NonFiniteError, match="non-finite values at step"):
+        train.train(config, str(tmp_path))
+
+
+def test_nonfinite_skip_policy_keeps_state_finite():
+    config = tiny_config("simclr", **{"nonfinite.policy": "skip"})
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    exp = train.build_experiment(config, mesh)
+    state = train.init_train_state(exp)
+    before = jax.device_get(state.params)
+    step_fn = train.make_train_step(exp)
+    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
+    batch = train._model_batch(next(loader))
+    loader.close()
+    # A NaN pixel can't come from uint8 data, so poison the parameters' gradient path instead:
+    poisoned = state.replace(params=jax.tree.map(lambda x: x, state.params))
+    poisoned = poisoned.replace(params={**poisoned.params, "projector": jax.tree.map(
+        lambda x: jnp.full_like(x, jnp.nan), poisoned.params["projector"])})
+    new_state, m = step_fn(poisoned, parallel.host_to_global(batch, mesh))
+    assert not bool(m["finite"])
+    assert int(new_state.step) == 1 and int(new_state.skips) == 1
+    # The encoder was not touched by the dropped update.
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params["encoder"]),
+                 before["encoder"])
