@@ -3,8 +3,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
-# torch is used only by the export test; this pin matches the local CPU wheel.
-TORCH   ?= torch==2.13.0
+# torch is used only by the torchvision-export test. It is installed from a local
+# CPU wheel when one exists (never a multi-GB CUDA build from the index).
+TORCH_VERSION   ?= 2.13.0
+TORCH_WHEEL_DIR ?= /opt/wheels
 DEMO_WORKDIR ?= runs/demo_simclr_digits
 
 .PHONY: demo test install install-test clean-demo
@@ -19,7 +21,9 @@ $(VENV)/.installed: setup.py | $(VPY)
 
 $(VENV)/.installed-test: setup.py $(VENV)/.installed
 	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q "$(TORCH)" || echo "warning: $(TORCH) not installed; the torch export test will be skipped"
+	@if ls $(TORCH_WHEEL_DIR)/torch-$(TORCH_VERSION)* >/dev/null 2>&1; then \
+		$(PIP) install -q --find-links $(TORCH_WHEEL_DIR) "torch==$(TORCH_VERSION)"; \
+	else echo "note: no CPU torch wheel in $(TORCH_WHEEL_DIR); the torchvision-export tests will be skipped"; fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,7 +7,7 @@ A checkpoint step directory holds two items:
   * ``meta``: JSON with the data-loader position and the run's identity.
 Orbax writes each step into a temporary directory and renames it when it is
 complete, so a step directory that exists is complete; leftovers of an
-interrupted save are never listed as steps (reported by :meth:`incomplete`).
+interrupted save are never listed as steps (found in ``leftovers``).
 Restoring takes an abstract state whose leaves carry the *target* shardings,
 so a checkpoint written on one device/process count resumes on another.
 """
@@ -22,11 +22,17 @@ import orbax.checkpoint as ocp
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; training stops rather than run unsaved."""
+
+
 class Checkpointer:
     """Saves every ``every_steps`` steps (and when forced), keeps ``keep``."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        # Scanned before the manager starts, which may clean such leftovers up.
+        self.leftovers = self._scan_incomplete()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
@@ -42,7 +48,7 @@ class Checkpointer:
     def all_steps(self):
         return list(self._manager.all_steps())
 
-    def incomplete(self):
+    def _scan_incomplete(self):
         """Names of leftover temporary directories of interrupted saves."""
         if not os.path.isdir(self.directory):
             return []
@@ -57,11 +63,14 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Starts a (possibly async) save; returns whether one was started."""
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+        try:
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
+        except Exception as err:  # disk full, permissions, a failed earlier async save...
+            raise self._write_error(step, err) from err
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
         """Restores ``step`` onto the shardings held by ``abstract_state``'s leaves."""
@@ -83,7 +92,16 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until any background save has finished (and raises its error, if any)."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            raise self._write_error(self.latest_step(), err) from err
+
+    def _write_error(self, step, err) -> CheckpointWriteError:
+        return CheckpointWriteError(
+            f"writing the checkpoint of step {step} to {self.directory} failed ({type(err).__name__}: {err}); "
+            f"training stopped so that no progress goes unsaved. Earlier checkpoints are intact "
+            f"(steps {self.all_steps()}). Free disk space or fix permissions, then re-run the same command.")
 
     def close(self) -> None:
         self._manager.close()

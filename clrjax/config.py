@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_steps = 0                  # training length in steps; overrides num_epochs when > 0
     c.log_every_steps = 20           # console line, metrics.jsonl and TensorBoard every N steps
 
-    c.dataset = ml_collections.ConfigDict()
+    c.dataset = ml_collections.ConfigDict()  # which images, from where
     c.dataset.name = "digits"        # one of DATASETS
     c.dataset.data_dir = ""          # IDX dir (fashion_mnist) or TFDS data_dir; "" = default
     c.dataset.train_split = "train"  # split used for pretraining and probe training
@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.num_examples = 0       # synthetic only: examples per split
     c.dataset.channels = 3           # synthetic only: image channels
 
-    c.augment = ml_collections.ConfigDict()
+    c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
     c.augment.crop_size = 32         # output side of the random resized crop (pixels)
     c.augment.crop_scale = (0.08, 1.0)  # crop area range as a fraction of the image (SimCLR app. A)
     c.augment.crop_ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range (SimCLR app. A)
@@ -65,24 +65,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after augmentation)
     c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
 
-    c.model = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()  # encoder: name, dtype, and the model's own keyword arguments
     c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base
     c.model.dtype = "float32"        # compute dtype ("bfloat16" keeps float32 parameters)
 
-    c.projector = ml_collections.ConfigDict()
+    c.projector = ml_collections.ConfigDict()  # projector MLP between encoder features and the loss
     c.projector.hidden_dims = (512,)  # hidden layer widths of the projector MLP
     c.projector.out_dim = 128        # embedding dimension d the loss sees
     c.projector.use_bn = True        # BatchNorm after each hidden layer
     c.projector.last_bn = False      # affine-free BatchNorm on the output (SimCLR v2, Barlow Twins)
 
-    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer = ml_collections.ConfigDict()  # optimizer and learning-rate schedule of encoder + projector
     c.optimizer.name = "adamw"       # one of OPTIMIZERS
     c.optimizer.lr = 1e-3            # base learning rate, before lr_scaling
     c.optimizer.lr_scaling = "none"  # none | linear (lr*B/base_batch) | sqrt (lr*sqrt(B))
     c.optimizer.base_batch = 256     # reference batch of the linear rule
     c.optimizer.weight_decay = 1e-6  # decoupled (adamw) or L2 (sgd, lars) weight decay; skips biases and norms
     c.optimizer.momentum = 0.9       # momentum for sgd and lars
-    c.optimizer.nesterov = False     # Nesterov momentum for sgd
+    c.optimizer.nesterov = False     # Nesterov momentum for sgd and lars
     c.optimizer.trust_coefficient = 0.001  # LARS trust coefficient eta
     c.optimizer.b1 = 0.9             # adamw beta1
     c.optimizer.b2 = 0.999           # adamw beta2
@@ -90,16 +90,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.end_lr = 0.0         # learning rate at the end of the cosine decay
     c.optimizer.grad_clip_norm = 0.0  # global-norm gradient clipping; 0 = off
 
-    c.probe = ml_collections.ConfigDict()
+    c.probe = ml_collections.ConfigDict()  # online linear probe on stop-gradient features (its own optimizer)
     c.probe.lr = 1e-3                # online linear probe's Adam learning rate (own optimizer)
     c.probe.weight_decay = 0.0       # online probe's decoupled weight decay
 
-    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint = ml_collections.ConfigDict()  # Orbax checkpoints in <workdir>/checkpoints
     c.checkpoint.every_steps = 500   # save every N steps (and always at the end)
     c.checkpoint.keep = 3            # how many recent checkpoints to keep
     c.checkpoint.async_save = True   # write checkpoints in the background while training continues
 
-    c.eval = ml_collections.ConfigDict()
+    c.eval = ml_collections.ConfigDict()  # evaluation of the frozen encoder
     c.eval.final = True              # after training: linear probe + kNN of the frozen encoder
     c.eval.compare_random_init = True  # also evaluate the same encoder at initialisation
     c.eval.knn_every_steps = 0       # periodic kNN on the test split during training; 0 = off
@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 512          # feature-extraction batch size
     c.eval.max_train_examples = 0    # cap probe training set size (0 = whole split)
 
-    c.nonfinite = ml_collections.ConfigDict()
+    c.nonfinite = ml_collections.ConfigDict()  # what a NaN/Inf loss or gradient does
     c.nonfinite.policy = "stop"      # stop: stop at the first non-finite step; skip: drop that update
     c.nonfinite.max_consecutive_skips = 10  # with policy=skip, stop after this many skips in a row
     return c

@@ -3,6 +3,7 @@
 ``export_encoder(out_dir, model_cfg, encoder_variables)`` writes::
 
     out_dir/model_config.json        the resolved encoder config (every field, see clrjax.models)
+    out_dir/preprocessing.json       only if given: e.g. {'mean': [...], 'std': [...], 'image_size': 32}
     out_dir/encoder/                 Orbax (StandardCheckpointer) checkpoint of the variables
     out_dir/encoder.safetensors      flat float32 arrays + the config in the metadata
     out_dir/encoder_torchvision.pt   ResNets: a torchvision state_dict (needs torch)
@@ -19,7 +20,7 @@ e.g. ``params/conv1/kernel``, ``params/layer1_0/bn1/scale``,
 ``batch_stats/layer1_0/bn1/mean``, ``params/blocks_3/attn/qkv/kernel``.
 Layouts are flax's: conv kernels ``[kh, kw, in, out]`` (HWIO), dense kernels
 ``[in, out]``. Metadata: ``format='clrjax-encoder'``, ``format_version='1'``,
-``model_config=<JSON>``. The module names per architecture are listed in the
+``model_config=<JSON>`` and, if given, ``preprocessing=<JSON>``. The module names per architecture are listed in the
 docstrings of :mod:`clrjax.models.resnet`, :mod:`clrjax.models.vit`,
 :mod:`clrjax.models.cnn`.
 
@@ -100,7 +101,9 @@ PyTorch / timm (ViT)::
     model.load_state_dict(torch.load("out_dir/encoder_timm.pt"), strict=False)
 
 Inputs are float NHWC for clrjax and NCHW for torch, normalised exactly as in
-training (the export does not record the normalisation).
+training. The export does not apply any normalisation; pass the training
+pipeline's to ``export_encoder(..., preprocessing={...})`` so that it is
+stored (``Encoder.preprocessing`` after loading).
 """
 from __future__ import annotations
 
@@ -108,7 +111,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +123,7 @@ FORMATS = ("orbax", "safetensors", "torch")
 FORMAT_NAME = "clrjax-encoder"
 FORMAT_VERSION = "1"
 CONFIG_FILE = "model_config.json"
+PREPROCESSING_FILE = "preprocessing.json"
 ORBAX_DIR = "encoder"
 SAFETENSORS_FILE = "encoder.safetensors"
 TORCHVISION_FILE = "encoder_torchvision.pt"
@@ -247,7 +251,8 @@ def _save_torch(arrays: Mapping[str, np.ndarray], path: str) -> None:
 # ---------------------------------------------------------------------------
 
 def export_encoder(out_dir: str, model_cfg: Mapping, encoder_variables: Mapping,
-                   formats: Sequence[str] = FORMATS) -> Dict[str, str]:
+                   formats: Sequence[str] = FORMATS,
+                   preprocessing: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
     """Writes the encoder in the requested formats; returns {format: path written}.
 
     Args:
@@ -257,6 +262,9 @@ def export_encoder(out_dir: str, model_cfg: Mapping, encoder_variables: Mapping,
       formats: subset of ('orbax', 'safetensors', 'torch'). 'torch' writes a
         torchvision state_dict for ResNets, a timm one for ViTs, and nothing
         for cnn_small (no torch counterpart; logged).
+      preprocessing: optional JSON-serialisable description of the input
+        the encoder expects (normalisation mean/std, image size, value range);
+        stored, never applied.
 
     Multi-host: call it on every process (the Orbax save is collective);
     only process 0 writes the other files.
@@ -275,6 +283,10 @@ def export_encoder(out_dir: str, model_cfg: Mapping, encoder_variables: Mapping,
         with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         written["config"] = os.path.join(out_dir, CONFIG_FILE)
+        if preprocessing is not None:
+            with open(os.path.join(out_dir, PREPROCESSING_FILE), "w") as f:
+                json.dump(dict(preprocessing), f, indent=2, sort_keys=True)
+            written["preprocessing"] = os.path.join(out_dir, PREPROCESSING_FILE)
     if "orbax" in formats:
         import orbax.checkpoint as ocp
         path = os.path.join(out_dir, ORBAX_DIR)
@@ -286,8 +298,11 @@ def export_encoder(out_dir: str, model_cfg: Mapping, encoder_variables: Mapping,
     if "safetensors" in formats and primary:
         from safetensors.numpy import save_file
         path = os.path.join(out_dir, SAFETENSORS_FILE)
-        save_file(flat, path, metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                        "model_config": json.dumps(cfg, sort_keys=True)})
+        metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                    "model_config": json.dumps(cfg, sort_keys=True)}
+        if preprocessing is not None:
+            metadata["preprocessing"] = json.dumps(dict(preprocessing), sort_keys=True)
+        save_file(flat, path, metadata=metadata)
         written["safetensors"] = path
     if "torch" in formats and primary:
         if cfg["name"].startswith("resnet"):
@@ -312,11 +327,14 @@ class Encoder:
 
     Runs in eval mode (BatchNorm running statistics), jitted once per input
     shape. Attributes: ``model_cfg`` (resolved dict), ``variables``
-    (``{'params', 'batch_stats'}`` of jax arrays), ``module`` (the flax module).
+    (``{'params', 'batch_stats'}`` of jax arrays), ``module`` (the flax module),
+    ``preprocessing`` (the dict given at export, or None; not applied).
     """
 
-    def __init__(self, model_cfg: Mapping, variables: Mapping):
+    def __init__(self, model_cfg: Mapping, variables: Mapping,
+                 preprocessing: Optional[Mapping[str, Any]] = None):
         self.model_cfg = resolve_model_config(model_cfg)
+        self.preprocessing = None if preprocessing is None else dict(preprocessing)
         self.variables = jax.tree.map(jnp.asarray, dict(variables))
         self.module = build_encoder(self.model_cfg)
         self._apply = jax.jit(lambda v, x: self.module.apply(v, x, train=False))
@@ -328,7 +346,7 @@ class Encoder:
         return f"Encoder({self.model_cfg})"
 
 
-def _read_safetensors(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _read_safetensors(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[Dict[str, Any]]]:
     from safetensors import safe_open
     from safetensors.numpy import load_file
     with safe_open(path, framework="numpy") as f:
@@ -336,17 +354,22 @@ def _read_safetensors(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if metadata.get("format") != FORMAT_NAME or "model_config" not in metadata:
         raise ValueError(f"{path} is not a clrjax encoder export (no '{FORMAT_NAME}' metadata); "
                          "export it with clrjax.export.export_encoder.")
-    return json.loads(metadata["model_config"]), unflatten_variables(load_file(path))
+    preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
+    return json.loads(metadata["model_config"]), unflatten_variables(load_file(path)), preprocessing
 
 
-def _read_directory(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _read_directory(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[Dict[str, Any]]]:
     orbax_dir = os.path.join(path, ORBAX_DIR)
     config_path = os.path.join(path, CONFIG_FILE)
     if os.path.isdir(orbax_dir) and os.path.isfile(config_path):
         import orbax.checkpoint as ocp
         with open(config_path) as f:
             cfg = json.load(f)
-        return cfg, ocp.StandardCheckpointer().restore(orbax_dir)
+        preprocessing = None
+        if os.path.isfile(os.path.join(path, PREPROCESSING_FILE)):
+            with open(os.path.join(path, PREPROCESSING_FILE)) as f:
+                preprocessing = json.load(f)
+        return cfg, ocp.StandardCheckpointer().restore(orbax_dir), preprocessing
     if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
         return _read_safetensors(os.path.join(path, SAFETENSORS_FILE))
     raise ValueError(f"{path} holds neither {ORBAX_DIR}/ + {CONFIG_FILE} nor {SAFETENSORS_FILE}; "
@@ -357,10 +380,10 @@ def load_encoder(path: str) -> Encoder:
     """Loads an export: the directory (Orbax + model_config.json, else its safetensors) or a .safetensors file."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        cfg, variables = _read_directory(path)
+        cfg, variables, preprocessing = _read_directory(path)
     elif path.endswith(".safetensors") and os.path.isfile(path):
-        cfg, variables = _read_safetensors(path)
+        cfg, variables, preprocessing = _read_safetensors(path)
     else:
         raise ValueError(f"{path} is neither an export directory nor a .safetensors file; "
                          "pass the out_dir given to export_encoder.")
-    return Encoder(cfg, variables)
+    return Encoder(cfg, variables, preprocessing)

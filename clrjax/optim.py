@@ -15,6 +15,7 @@ Sources:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -306,7 +307,7 @@ def _as_dict(opt_cfg) -> dict:
 
 def _check_in_range(cfg, field, lo, hi, hint, lo_open=False, hi_open=False):
     value = cfg[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"opt_cfg.{field} must be a number, got {value!r}; {hint}.")
     below = value <= lo if lo_open else value < lo
     above = value >= hi if hi_open else value > hi

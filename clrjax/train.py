@@ -89,9 +89,12 @@ def _param_partition(params) -> dict:
 
 def build_optimizer(config, steps_per_epoch: int, total_steps: int):
     """The SSL optimizer on encoder+projector and Adam(W) on the probe, as one optax transform."""
-    ssl_tx, schedule = optim.build_optimizer(
-        config.optimizer.to_dict(), global_batch=config.batch_size,
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    try:
+        ssl_tx, schedule = optim.build_optimizer(
+            config.optimizer.to_dict(), global_batch=config.batch_size,
+            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    except ValueError as err:
+        raise config_lib.ConfigError(str(err).replace("opt_cfg.", "config.optimizer.")) from None
     probe_tx = optax.adamw(config.probe.lr, weight_decay=config.probe.weight_decay)
     return optax.multi_transform({"ssl": ssl_tx, "probe": probe_tx}, _param_partition), schedule
 
@@ -314,7 +317,7 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
                                          every_steps=config.checkpoint.every_steps,
                                          keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
-    for leftover in checkpointer.incomplete():
+    for leftover in checkpointer.leftovers:
         logging.warning("Ignoring incomplete checkpoint %s (an interrupted save).", leftover)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -371,7 +374,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
                 scalars["epoch"] = done / exp.steps_per_epoch
                 writer.write_scalars(done, scalars)
                 if progress is not None:
-                    progress.update(done, scalars, config.batch_size)
+                    progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)
                 last_logged = dict(scalars, step=done)
                 t_last, steps_since_log = time.perf_counter(), 0
             stop_requested = should_stop is not None and should_stop()

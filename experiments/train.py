@@ -5,7 +5,7 @@ COMMAND:
       [--config.optimizer.lr=3e-3] [--allow_config_change]
 Multi-process (see launch/): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 
-Exit status: 0 finished; 1 error; 3 config error; 4 non-finite values;
+Exit status: 0 finished; 1 error; 3 config error; 4 non-finite values; 5 checkpoint write failed;
 75 (EX_TEMPFAIL) stopped by SIGTERM/preemption after saving: re-run to resume.
 """
 import os
@@ -28,6 +28,7 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None, "End this invocatio
 
 EXIT_CONFIG_ERROR = 3
 EXIT_NONFINITE = 4
+EXIT_CHECKPOINT_WRITE = 5
 EXIT_PREEMPTED = 75
 
 
@@ -57,7 +58,7 @@ def main(argv):
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
     import jax
-    from clrjax import config as config_lib, train
+    from clrjax import checkpoint as ckpt_lib, config as config_lib, train
     from clrjax.evaluation.run_eval import report_and_evaluate
 
     stop = _StopFlag()
@@ -72,6 +73,9 @@ def main(argv):
     except train.NonFiniteError as err:
         print(f"[process {pid}] stopped: {err}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)
+    except ckpt_lib.CheckpointWriteError as err:
+        print(f"[process {pid}] stopped: {err}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_WRITE)
     except Exception as err:  # every process reports a fatal error with its id
         print(f"[process {pid}] fatal error: {type(err).__name__}: {err}", file=sys.stderr)
         raise

@@ -116,15 +116,16 @@ class _SmallCNN(nn.Module):
 
 
 def _init_cnn_params():
-    model = _SmallCNN()
-    x = jnp.zeros((2, 4, 4, 3))
-    variables = model.init(jax.random.key(0), x, jnp.zeros((2,), jnp.int32))
-    return variables["params"]
+    # Shapes and names come from flax (eval_shape: tracing only, no compute);
+    # values are random. Eager flax init costs seconds on 2 busy CPU cores.
+    abstract = jax.eval_shape(_SmallCNN().init, jax.random.key(0), jnp.zeros((2, 4, 4, 3)),
+                              jnp.zeros((2,), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), abstract)
 
 
 @pytest.fixture(scope="module")
 def cnn_params():
-    # Module-scoped: the eager init costs seconds on 2 CPU cores.
     return _init_cnn_params()
 
 
@@ -202,9 +203,14 @@ def test_lars_matches_float64_reference_over_three_steps(nesterov, eps):
                     mask=mask, nesterov=nesterov)
     jparams = jax.tree.map(jnp.asarray, params)
     state = tx.init(jparams)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
     for grads in grads_per_step:
-        updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, jparams)
-        jparams = optax.apply_updates(jparams, updates)
+        jparams, state = step(jparams, state, jax.tree.map(jnp.asarray, grads))
 
     expected = _lars_reference(params, grads_per_step, lambda t: lr_values[t], wd, momentum, eta,
                                eps, mask, nesterov)
@@ -264,8 +270,8 @@ def test_build_optimizer_one_update_is_finite_and_respects_mask(name, cnn_params
         else:
             np.testing.assert_array_equal(new, old, err_msg=str(path))
     # Random gradients also give finite parameters.
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-    grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+    rng = np.random.default_rng(1)  # NumPy: eager jax.random compiles once per shape (slow)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     updates, _ = update(grads, state, params)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(optax.apply_updates(params, updates)))
 

@@ -130,3 +130,26 @@ def test_nonfinite_skip_policy_keeps_state_finite():
     # The encoder was not touched by the dropped update.
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params["encoder"]),
                  before["encoder"])
+
+
+def test_checkpoint_write_failure_stops_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    import errno
+    import orbax.checkpoint as ocp
+    from clrjax import checkpoint as ckpt_lib
+
+    original = ocp.CheckpointManager.save
+
+    def disk_full_after_step_2(self, step, *args, **kwargs):
+        if step > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_after_step_2)
+    config = tiny_config("simclr", num_steps=6)
+    with pytest.raises(ckpt_lib.CheckpointWriteError, match="No space left on device") as err:
+        train.train(config, str(tmp_path))
+    assert "step 4" in str(err.value) and "re-run" in str(err.value)
+    monkeypatch.undo()
+    # The earlier checkpoint is intact and the run resumes from it to the end.
+    result = train.train(config, str(tmp_path))
+    assert result.steps_run == 4 and int(result.state.step) == 6

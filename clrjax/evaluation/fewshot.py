@@ -14,6 +14,8 @@ is far less noisy than accuracy on a handful of examples. With k = 1 nothing
 can be held out, so a fixed ``one_shot_l2`` (default 0.1 on standardised
 features) is used: in that regime the solution is close to a class-prototype
 (mean-difference) classifier, which is what one example per class supports.
+The choice barely matters there: on sklearn digits (raw pixels, 10 seeds)
+1-shot top-1 was 0.574-0.576 for every l2 from 1e-3 to 10.
 """
 from __future__ import annotations
 

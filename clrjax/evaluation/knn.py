@@ -137,8 +137,12 @@ def knn_class_scores(
     if temperature <= 0:
         raise ValueError(f"kNN temperature must be positive, got {temperature}.")
     weights = jnp.exp((jnp.asarray(neighbor_sims) - 1.0) / temperature)
-    one_hot = jax.nn.one_hot(jnp.asarray(neighbor_labels), num_classes, dtype=jnp.float32)
-    return np.asarray(jnp.einsum("nk,nkc->nc", weights, one_hot))
+    labels = jnp.asarray(neighbor_labels)
+    rows = jnp.broadcast_to(jnp.arange(labels.shape[0])[:, None], labels.shape)
+    # Scatter-add rather than a one-hot einsum: memory O(N (k + C)), not
+    # O(N k C) (10k queries x k=200 x 1000 classes would be 8 GB).
+    scores = jnp.zeros((labels.shape[0], num_classes), jnp.float32)
+    return np.asarray(scores.at[rows, labels].add(weights))
 
 
 def knn_predict(

@@ -31,6 +31,33 @@ def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
     return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
 
 
+def _all_gather_invariant_primitive():
+    """``all_gather_invariant``: public in newer JAX, private in 0.10."""
+    public = getattr(jax.lax, "all_gather_invariant", None)
+    if public is not None:
+        return public
+    from jax._src.lax import parallel as _parallel  # jax 0.10: not yet exported
+    return getattr(_parallel, "all_gather_invariant", None)
+
+
+def all_gather_constant(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """``all_gather`` of a value that needs no gradient, typed as replicated.
+
+    ``lax.all_gather`` output counts as device-varying under shard_map's
+    replication check (its transpose must scatter gradients back), so a
+    gathered result cannot be returned with ``out_specs=P()``. For
+    stop-gradient data (TiCo's covariance blocks, monitors) the invariant
+    gather is exact and provably replicated.
+    """
+    if axis_name is None:
+        return x
+    x = jax.lax.stop_gradient(x)
+    gather = _all_gather_invariant_primitive()
+    if gather is None:  # very old/new JAX without it: an exact, costlier equivalent
+        return pmean(jax.lax.all_gather(x, axis_name, axis=0, tiled=True), axis_name)
+    return gather(x, axis_name, axis=0, tiled=True)
+
+
 def psum(x, axis_name: AxisName):
     """Sums a pytree over the axis (identity on one device)."""
     if axis_name is None:

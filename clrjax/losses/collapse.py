@@ -39,7 +39,7 @@ def rankme(z: jax.Array, axis_name=None, eps: float = RANKME_EPS) -> jax.Array:
     Every shard gathers the [N, d] matrix and takes its singular values; the
     gather is under stop_gradient so it adds no backward communication.
     """
-    z_all = col.all_gather(jax.lax.stop_gradient(z).astype(jnp.float32), axis_name)
+    z_all = col.all_gather_constant(z.astype(jnp.float32), axis_name)
     sigma = jnp.linalg.svd(z_all, compute_uv=False)
     p = sigma / jnp.maximum(jnp.sum(sigma), 1e-30) + eps
     return jnp.exp(-jnp.sum(p * jnp.log(p)))

@@ -29,6 +29,7 @@ Metrics (all global, identical on every shard, under stop_gradient):
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -207,8 +208,9 @@ def _metrics(stats: _RowStats, positive_logit, pair_sim, n_global, axis_name) ->
     correct = (positive_logit > stats.max_negative).astype(jnp.float32)
     accuracy = col.psum(jnp.sum(correct), axis_name) / (2 * n_global)
     alignment = col.psum(jnp.sum(2.0 - 2.0 * pair_sim), axis_name) / n_global
-    n_pairs = max(n_global * (n_global - 1), 1)
+    # log of the pair count as a Python float: N (N - 1) overflows int32 at N = 65,536.
+    log_pairs = math.log(max(n_global * (n_global - 1), 1))
     per_view = [col.psum(jnp.sum(stats.uniformity_sum[v * n_local:(v + 1) * n_local]), axis_name)
                 for v in (0, 1)]
-    uniformity = 0.5 * (jnp.log(per_view[0] / n_pairs) + jnp.log(per_view[1] / n_pairs))
+    uniformity = 0.5 * (jnp.log(per_view[0]) + jnp.log(per_view[1])) - log_pairs
     return {"accuracy": accuracy, "alignment": alignment, "uniformity": uniformity}

@@ -52,7 +52,8 @@ def _batch_second_moment(u, layout, axis_name):
     u_all = col.all_gather(u, axis_name)
     d_local = u.shape[1] // col.axis_size(axis_name)
     u_rows = jax.lax.dynamic_slice_in_dim(u_all, col.axis_index(axis_name) * d_local, d_local, axis=1)
-    return col.all_gather(u_rows.T @ u_all / n_global, axis_name)  # rows of B, concatenated
+    # new_cov is a constant (stop-gradient), so the invariant gather is exact.
+    return col.all_gather_constant(u_rows.T @ u_all / n_global, axis_name)  # rows of B, concatenated
 
 
 def _check_cov(cov, dim) -> None:

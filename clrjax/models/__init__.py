@@ -24,12 +24,13 @@ base
 
 Public API: ``ENCODER_NAMES``, ``resolve_model_config``, ``build_encoder``,
 ``num_features``, ``check_input_size``, ``build_projector``,
-``build_ssl_model``.
+``build_ssl_model``, ``encoder_variables`` (the SSL model's 'encoder' subtree,
+what :func:`clrjax.export.export_encoder` takes).
 """
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 from clrjax.models.cnn import DEFAULT_WIDTHS, SmallCNN, cnn_total_stride
 from clrjax.models.heads import LinearProbe, Projector
 from clrjax.models.resnet import ResNet, resnet_num_features, resnet_total_stride
-from clrjax.models.ssl_model import SSLModel
+from clrjax.models.ssl_model import SSLModel, encoder_variables
 from clrjax.models.vit import PATCH_SIZE, VIT_SPECS, ViT
 
 ENCODER_NAMES = ("cnn_small", "resnet18", "resnet34", "resnet50",
@@ -59,7 +60,7 @@ ENCODER_DEFAULTS: Dict[str, Dict[str, Any]] = {
 __all__ = [
     "ENCODER_NAMES", "DTYPES", "ENCODER_DEFAULTS", "resolve_model_config", "build_encoder",
     "num_features", "check_input_size", "build_projector", "build_ssl_model",
-    "ResNet", "ViT", "SmallCNN", "Projector", "LinearProbe", "SSLModel",
+    "ResNet", "ViT", "SmallCNN", "Projector", "LinearProbe", "SSLModel", "encoder_variables",
 ]
 
 

@@ -21,7 +21,7 @@ ResNet-18/34, 2048 for ResNet-50), or logits ``[B, num_classes]`` when
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -171,8 +171,3 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=jnp.float32,
                         param_dtype=jnp.float32, name="fc")(features)
 
-
-def resnet_block_names(depth: int) -> Sequence[str]:
-    """Names of the residual blocks, in order ('layer1_0', ...)."""
-    stage_depths, _ = RESNET_SPECS[depth]
-    return [f"layer{s + 1}_{b}" for s, n in enumerate(stage_depths) for b in range(n)]

@@ -12,7 +12,7 @@ optimizer, and the export takes the 'encoder' subtree.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, Mapping
 
 import flax.linen as nn
 import jax
@@ -48,3 +48,13 @@ class SSLModel(nn.Module):
     def encode(self, x, train: bool = False) -> jax.Array:
         """x: float [B, H, W, C] -> features [B, F] float32 (encoder only)."""
         return self.encoder(x, train=train)
+
+
+def encoder_variables(ssl_variables: Mapping[str, Any]) -> Dict[str, Any]:
+    """The encoder's own variables, ``{'params': ..., 'batch_stats': ...}``, from the SSLModel's.
+
+    Takes the 'encoder' subtree of every collection that has one (ViTs have
+    no 'batch_stats'); this is what :func:`clrjax.export.export_encoder`
+    expects and what ``build_encoder(cfg).apply`` accepts.
+    """
+    return {name: tree["encoder"] for name, tree in ssl_variables.items() if "encoder" in tree}

@@ -1,0 +1,2 @@
+"""Input data: random-access sources (sources.py), the deterministic per-process
+host pipeline (pipeline.py) and on-device JAX augmentations (augment.py)."""

@@ -1,0 +1,305 @@
+"""Run outputs: TensorBoard + JSON-lines scalars, atomic JSON files, console progress, plots.
+
+A run's workdir holds:
+  workdir/tensorboard/events.out.tfevents.*   scalars for TensorBoard
+  workdir/metrics.jsonl                       one {"step": s, name: value, ...} per write
+  workdir/config.json                         the resolved config (`write_config_json`)
+  workdir/<name>.json                         anything else (`MetricWriter.write_json`)
+
+Events are written with `tensorboard.summary.Writer`, not clu's writers,
+because clu imports TensorFlow (docs: STACK_NOTES.md). In multi-host runs only
+process 0 should write: construct writers with `enabled=jax.process_index() == 0`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
+CONFIG_FILENAME = "config.json"
+
+
+# ---------------------------------------------------------------------------
+# JSON helpers
+# ---------------------------------------------------------------------------
+def _to_jsonable(obj: Any) -> Any:
+    """Plain-Python copy of `obj`: tuples -> lists, numpy/JAX arrays -> lists/scalars."""
+    if isinstance(obj, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "__array__"):  # numpy and JAX arrays
+        return np.asarray(obj).tolist()
+    return obj  # json.dumps raises a TypeError naming the type if it cannot encode it
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON to `path` so readers see the old file or the new, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    text = json.dumps(_to_jsonable(obj), indent=2, sort_keys=True) + "\n"
+    # The temporary file must be on the same filesystem for os.replace to be atomic.
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def _scalar_to_float(name: str, value: Any) -> float:
+    array = np.asarray(value)  # also pulls JAX arrays to host
+    if array.size != 1:
+        raise ValueError(f"metric {name!r} must be a scalar, got shape {array.shape}.")
+    return float(array.reshape(()))
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """Truncates a partial last line left by a run killed mid-write.
+
+    Without this, the next run's first append would glue onto the fragment and
+    corrupt a line in the middle of the file.
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
+# ---------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------
+class MetricWriter:
+    """Writes scalars to TensorBoard and `metrics.jsonl`, and JSON files, under `workdir`.
+
+    Every `write_scalars` call flushes both outputs, so a killed run loses at
+    most the line being written (which `read_metrics` skips). With
+    `enabled=False` (non-zero processes in multi-host runs) nothing is created
+    or written and every method is a no-op.
+
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self._tb_writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        # Imported here so disabled writers (and importers of read_metrics) do not pay for it.
+        from tensorboard.summary import Writer
+
+        os.makedirs(workdir, exist_ok=True)
+        self._tb_writer = Writer(os.path.join(workdir, TENSORBOARD_DIRNAME))
+        jsonl_path = os.path.join(workdir, METRICS_FILENAME)
+        _drop_torn_last_line(jsonl_path)
+        # Append: a resumed run continues the same file.
+        self._jsonl = open(jsonl_path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Writes `scalars` (name -> scalar: float, numpy or JAX) at `step`.
+
+        The JSON line is `{"step": step, name: float(value), ...}`; non-finite
+        values are written as NaN/Infinity, which Python's json reads back.
+        """
+        if not self.enabled:
+            return
+        if "step" in scalars:
+            raise ValueError("'step' is reserved for the step number; rename that metric.")
+        step = int(step)
+        values = {name: _scalar_to_float(name, value) for name, value in scalars.items()}
+        for name, value in values.items():
+            self._tb_writer.add_scalar(name, value, step)
+        self._tb_writer.flush()
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+
+    def write_json(self, name: str, obj: Any) -> str | None:
+        """Atomically writes `obj` to `workdir/name` ('.json' appended if no suffix); returns the path."""
+        if not self.enabled:
+            return None
+        if not os.path.splitext(name)[1]:
+            name += ".json"
+        path = os.path.join(self.workdir, name)
+        _atomic_write_json(path, obj)
+        return path
+
+    def close(self) -> None:
+        """Flushes and closes the outputs; safe to call twice."""
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Rows of a `metrics.jsonl` file, in file order.
+
+    A truncated last line (a run killed mid-write) is skipped; a malformed line
+    anywhere else is corruption and raises ValueError with its line number.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # A complete file ends with "\n", so the final element is "" unless torn.
+    rows = []
+    last = len(lines) - 1
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == last:
+                break
+            raise ValueError(f"{path}:{number + 1} is not valid JSON ({e}).") from e
+    return rows
+
+
+def write_config_json(workdir: str, config: Any) -> str:
+    """Atomically writes the resolved `config` to `workdir/config.json`; returns the path.
+
+    `config` is an ml_collections ConfigDict (converted with `to_dict()`, which
+    resolves field references) or a mapping; tuples become lists. Call it on
+    process 0 only.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    _atomic_write_json(path, config)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Console progress
+# ---------------------------------------------------------------------------
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class ProgressLine:
+    """One console line per call: `step 120/1000 | loss 4.123 | 2,345 img/s | ETA 3m12s`.
+
+    Throughput and ETA use the time per step averaged over the last `window`
+    intervals between `update` calls (weighted by the steps in each), so the
+    first call, which usually includes compilation, only sets the reference
+    time and shows no rate. `step` is the number of completed steps.
+
+    Args:
+      total_steps: steps in the run.
+      enabled: False on non-zero processes: `update` returns None, prints nothing.
+      emit: called with each line (default `print`; pass `absl.logging.info`
+        in absl mains to also get it in the log files).
+      window: number of recent intervals in the moving average.
+      clock: seconds as a float (injectable for tests).
+    """
+
+    def __init__(self, total_steps: int, enabled: bool = True,
+                 emit: Callable[[str], None] | None = None, window: int = 20,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total_steps = int(total_steps)
+        self.enabled = enabled
+        self._emit = emit if emit is not None else (lambda line: print(line, flush=True))
+        self._clock = clock
+        self._intervals = collections.deque(maxlen=window)  # (steps, seconds)
+        self._last = None  # (step, time) of the previous call
+
+    def seconds_per_step(self) -> float | None:
+        steps = sum(s for s, _ in self._intervals)
+        return sum(t for _, t in self._intervals) / steps if steps > 0 else None
+
+    def _record(self, step: int) -> None:
+        now = self._clock()
+        if self._last is not None and step > self._last[0]:
+            self._intervals.append((step - self._last[0], now - self._last[1]))
+        self._last = (step, now)
+
+    def update(self, step: int, metrics: Mapping[str, Any], images_per_step: int) -> str | None:
+        """Records the time of `step`, emits the line and returns it (None if disabled)."""
+        if not self.enabled:
+            return None
+        step = int(step)
+        self._record(step)
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{name} {_scalar_to_float(name, v):.4g}" for name, v in metrics.items()]
+        sec_per_step = self.seconds_per_step()
+        if sec_per_step is None or sec_per_step <= 0:
+            parts += ["- img/s", "ETA ?"]
+        else:
+            remaining = max(self.total_steps - step, 0) * sec_per_step
+            parts += [f"{images_per_step / sec_per_step:,.0f} img/s", f"ETA {_format_duration(remaining)}"]
+        line = " | ".join(parts)
+        self._emit(line)
+        return line
+
+
+# ---------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------
+def plot_curves(metrics_jsonl: str, out_png: str,
+                keys: Sequence[str] = ("loss", "probe_acc")) -> list[str]:
+    """PNG of each metric in `keys` against step, one subplot per key present.
+
+    Uses matplotlib's Agg canvas directly (no pyplot), so it neither needs a
+    display nor changes the caller's backend. Returns the keys plotted.
+
+    Raises:
+      ValueError: none of `keys` appears in the file.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_metrics(metrics_jsonl)
+    present = [k for k in keys if any(k in row for row in rows)]
+    if not present:
+        available = sorted({k for row in rows for k in row} - {"step"})
+        raise ValueError(f"none of {list(keys)} is in {metrics_jsonl}; available: {available}.")
+    fig = Figure(figsize=(4.5 * len(present), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(present), squeeze=False)[0]
+    for ax, key in zip(axes, present):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        steps, values = zip(*points)
+        ax.plot(steps, values, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    directory = os.path.dirname(os.path.abspath(out_png))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(out_png, format="png", dpi=100)
+    return present

@@ -1,0 +1,108 @@
+"""Independent float64 reference definitions of the four losses, from the papers.
+
+Written directly from the definitions on the full global batch (full 2N x 2N
+similarity matrix, explicit off-diagonal masks), sharing no code with
+``clrjax.losses``. Each takes an array module ``xp`` (numpy by default, or
+jax.numpy under ``jax.enable_x64`` to get float64 reference gradients).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _normalize(z, xp):
+    return z / xp.sqrt(xp.sum(z * z, axis=1, keepdims=True))
+
+
+def _logsumexp_rows(x, xp):
+    m = xp.max(x, axis=1, keepdims=True)
+    return xp.log(xp.sum(xp.exp(x - m), axis=1)) + m[:, 0]
+
+
+def simclr(z_a, z_b, temperature, decoupled=False, xp=np):
+    """NT-Xent (Chen et al. 2020 eq. 1) / DCL (Yeh et al. 2022) on the full batch."""
+    n = z_a.shape[0]
+    u = _normalize(xp.concatenate([z_a, z_b]), xp)
+    logits = u @ u.T / temperature
+    idx = np.arange(2 * n)
+    positive = np.concatenate([idx[n:], idx[:n]])
+    excluded = np.eye(2 * n, dtype=bool)
+    if decoupled:
+        excluded = excluded | (idx[None, :] == positive[:, None])
+    lse = _logsumexp_rows(xp.where(excluded, -np.inf, logits), xp)
+    return xp.mean(lse - logits[idx, positive])
+
+
+def simclr_metrics(z_a, z_b, temperature):
+    """Top-1 positive accuracy, alignment (alpha=2), uniformity (t=2, per view, averaged)."""
+    n = z_a.shape[0]
+    u = _normalize(np.concatenate([z_a, z_b]), np)
+    sims = u @ u.T
+    np.fill_diagonal(sims, -np.inf)
+    idx = np.arange(2 * n)
+    positive = np.concatenate([idx[n:], idx[:n]])
+    accuracy = np.mean(np.argmax(sims, axis=1) == positive)
+    u_a, u_b = u[:n], u[n:]
+    alignment = np.mean(np.sum((u_a - u_b) ** 2, axis=1))
+
+    def uniformity(v):
+        sq_dist = np.sum((v[:, None, :] - v[None, :, :]) ** 2, axis=-1)
+        off = ~np.eye(n, dtype=bool)
+        return np.log(np.mean(np.exp(-2.0 * sq_dist[off])))
+
+    return {"accuracy": accuracy, "alignment": alignment,
+            "uniformity": 0.5 * (uniformity(u_a) + uniformity(u_b))}
+
+
+def barlow_twins(z_a, z_b, lambd, eps, xp=np):
+    """Zbontar et al. 2021: BN-standardised (biased var) cross-correlation loss."""
+    def standardize(z):
+        mean = xp.mean(z, axis=0)
+        var = xp.mean((z - mean) ** 2, axis=0)
+        return (z - mean) / xp.sqrt(var + eps)
+
+    n, d = z_a.shape
+    c = standardize(z_a).T @ standardize(z_b) / n
+    eye = np.eye(d, dtype=bool)
+    on = xp.sum((1.0 - xp.diagonal(c)) ** 2)
+    off = xp.sum(xp.where(eye, 0.0, c) ** 2)
+    return on + lambd * off, {"on_diagonal": on, "off_diagonal": off}
+
+
+def vicreg(z_a, z_b, sim_coeff, std_coeff, cov_coeff, eps, xp=np):
+    """Bardes et al. 2022, official main_vicreg.py."""
+    n, d = z_a.shape
+    invariance = xp.mean((z_a - z_b) ** 2)
+
+    def var_and_cov(z):
+        x = z - xp.mean(z, axis=0)
+        std = xp.sqrt(xp.sum(x ** 2, axis=0) / (n - 1) + eps)
+        cov = x.T @ x / (n - 1)
+        off = xp.where(np.eye(d, dtype=bool), 0.0, cov)
+        return xp.mean(xp.maximum(1.0 - std, 0.0)), xp.sum(off ** 2) / d
+
+    var_a, cov_a = var_and_cov(z_a)
+    var_b, cov_b = var_and_cov(z_b)
+    variance = var_a / 2 + var_b / 2
+    covariance = cov_a + cov_b
+    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return loss, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def tico(z_a, z_b, cov, beta, rho, xp=np, stop_gradient=lambda x: x):
+    """Zhu et al. 2022: returns (loss, new_cov, metrics); new_cov is a constant."""
+    n = z_a.shape[0]
+    u_a, u_b = _normalize(z_a, xp), _normalize(z_b, xp)
+    new_cov = stop_gradient(beta * cov + (1 - beta) * (u_a.T @ u_a) / n)
+    invariance = 1.0 - xp.mean(xp.sum(u_a * u_b, axis=1))
+    covariance = xp.mean(xp.sum((u_a @ new_cov) * u_a, axis=1))
+    return invariance + rho * covariance, new_cov, {"invariance": invariance,
+                                                    "covariance": covariance}
+
+
+def collapse_monitors(z):
+    """embedding_std (ddof=0, L2-normalised rows) and RankMe (Garrido et al. 2023, eps=1e-7)."""
+    u = _normalize(z, np)
+    sigma = np.linalg.svd(z, compute_uv=False)
+    p = sigma / sigma.sum() + 1e-7
+    return {"embedding_std": np.mean(np.std(u, axis=0)), "rankme": np.exp(-np.sum(p * np.log(p)))}
