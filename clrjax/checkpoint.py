@@ -17,6 +17,7 @@ import os
 from typing import Any, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -86,9 +87,19 @@ class Checkpointer:
         return dict(restored["meta"])
 
     def restore_subtree(self, step: int) -> Any:
-        """Restores the raw state tree onto host memory (for eval/export, no target structure)."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        return restored["state"]
+        """The saved state as host numpy arrays, whatever topology wrote it (eval, export).
+
+        Orbax refuses a target-less restore when the writer's devices differ
+        from ours, so the target is built from the checkpoint's own metadata
+        and placed on one local device.
+        """
+        path = os.path.join(self.directory, str(step), "state")
+        checkpointer = ocp.StandardCheckpointer()
+        metadata = checkpointer.metadata(path)
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
     def wait(self) -> None:
         """Blocks until any background save has finished (and raises its error, if any)."""

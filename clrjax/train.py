@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import os
+import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -284,7 +285,9 @@ class RunResult:
 def _check_workdir_writable(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        # One probe file per process: processes sharing a workdir would remove each other's.
+        # Unique per process: processes sharing a workdir must not delete each other's probe.
+        probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -377,8 +380,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
                     progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)
                 last_logged = dict(scalars, step=done)
                 t_last, steps_since_log = time.perf_counter(), 0
-            stop_requested = should_stop is not None and should_stop()
-            if stop_requested or checkpointer.reached_preemption(done):
+            if _agreed_stop(should_stop, done, config.log_every_steps) or checkpointer.reached_preemption(done):
                 stopped_early = True
             if checkpointer.should_save(done) or done == end or stopped_early:
                 _check_finite(pending, policy, max_skips, checkpointer)
@@ -391,6 +393,24 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
         loader.close()
         writer.close()
     return RunResult(state, exp, last_logged, int(jax.device_get(state.step)) - start, stopped_early)
+
+
+def _agreed_stop(should_stop, step: int, every: int) -> bool:
+    """Whether to stop after ``step``; all processes agree on the same step.
+
+    One process may get SIGTERM before another; stopping alone would leave the
+    others waiting forever in a collective. In multi-process runs the flags are
+    combined every ``every`` steps (SLURM and TPU VMs give tens of seconds of
+    notice; a host sync every step would stall the device pipeline).
+    """
+    if should_stop is None:
+        return False
+    if jax.process_count() == 1:
+        return bool(should_stop())
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(should_stop())))).any())
 
 
 def _model_batch(batch: dict) -> dict:

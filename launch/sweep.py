@@ -524,7 +524,8 @@ def _cell(value: Any) -> str:
 
 
 def table(rows: Sequence[dict], keys: Sequence[str], metric: str) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "status"] + list(keys) + [metric, "step", "loss", "exit_code", "error"]
+    context = [c for c in ("step", "loss") if c != metric]  # where each run ended, beside the metric
+    header = ["run", "status"] + list(keys) + [metric] + context + ["exit_code", "error"]
     body = []
     for row in rows:
         value = _metric_value(row, metric)
@@ -532,8 +533,8 @@ def table(rows: Sequence[dict], keys: Sequence[str], metric: str) -> tuple[list[
         if status == "failed" and row["exit_code"] != "":
             status = f"failed (exit {row['exit_code']})"
         body.append([row["run"], status] + [_cell(row["overrides"].get(k)) for k in keys] +
-                    ["" if value is None else f"{value:.6g}", _cell(row["results"].get("step")),
-                     _cell(row["results"].get("loss")), _cell(row["exit_code"]), row["error"]])
+                    ["" if value is None else f"{value:.6g}"] + [_cell(row["results"].get(c)) for c in context] +
+                    [_cell(row["exit_code"]), row["error"]])
     return header, body
 
 
@@ -634,7 +635,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def command_run(args) -> int:
     if args.parallel < 1:
         raise SweepError(f"--parallel is {args.parallel}; pass 1 or more.")
-    runs = prepare(args.sweep, args.config, args.workdir, args.extra, script=args.script)
+    script = args.script
+    if args.emit == "local" and not os.path.isfile(script):
+        # The default is relative to the repository; cluster emitters keep it relative on purpose.
+        script = os.path.join(ROOT, script)
+        if not os.path.isfile(script):
+            raise SweepError(f"--script={args.script} does not exist; pass the experiment script's path.")
+    runs = prepare(args.sweep, args.config, args.workdir, args.extra, script=script)
     if args.only is not None:
         runs = [r for r in runs if r.name == args.only]
         if not runs:

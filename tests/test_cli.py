@@ -10,7 +10,7 @@ TINY = [
     "--config.model.widths=(8,16,16,16)", "--config.projector.hidden_dims=(32,)",
     "--config.projector.out_dim=16", "--config.batch_size=64", "--config.num_steps=6",
     "--config.log_every_steps=2", "--config.checkpoint.every_steps=3",
-    "--config.eval.knn_k=(5,20)",
+    "--config.eval.knn_k=(5,20)", "--config.optimizer.warmup_epochs=0.0",
 ]
 
 

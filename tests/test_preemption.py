@@ -25,7 +25,7 @@ EXIT_PREEMPTED = 75
 TINY = [
     "--config.model.widths=(8,16,16,16)", "--config.projector.hidden_dims=(32,)",
     "--config.projector.out_dim=16", "--config.batch_size=64", "--config.log_every_steps=1",
-    "--config.eval.final=False", "--config.optimizer.warmup_epochs=1.0",
+    "--config.eval.final=False", "--config.optimizer.warmup_epochs=0.1",
 ]
 
 

@@ -77,7 +77,7 @@ def _final_state(config, workdir, stops):
 def test_resume_is_bit_exact(method, tmp_path):
     # Adam, warmup and a stateful method: everything the checkpoint must carry.
     config = tiny_config(method, **{"optimizer.name": "adamw", "optimizer.lr": 1e-3,
-                                    "optimizer.warmup_epochs": 0.5})
+                                    "optimizer.warmup_epochs": 0.05})
     straight = _final_state(config, str(tmp_path / "straight"), [None])
     resumed = _final_state(config, str(tmp_path / "resumed"), [2, 1, None])
     assert int(straight.step) == int(resumed.step) == config.num_steps

@@ -67,18 +67,26 @@ def evaluate_encoder(model, variables, config, mesh) -> dict:
 
 
 def variables_of(state) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    """Host copies of the (replicated) encoder variables."""
+    return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def evaluate_run(result, include_random_init: bool = True) -> dict:
-    """Evaluates the trained encoder and (optionally) the same encoder at initialisation."""
+    """Evaluates the trained encoder and (optionally) the same encoder at initialisation.
+
+    Evaluation runs on this process's own devices: in a multi-process run
+    every process computes the same numbers without cross-host collectives
+    (the splits of the supported evaluation sets fit on one host), and only
+    process 0 writes them.
+    """
     from clrjax import train  # local: train imports this package's siblings
 
     exp = result.exp
-    report = {"pretrained": evaluate_encoder(exp.model, variables_of(result.state), exp.config, exp.mesh)}
+    local_mesh = parallel.make_mesh(jax.local_devices())
+    report = {"pretrained": evaluate_encoder(exp.model, variables_of(result.state), exp.config, local_mesh)}
     if include_random_init:
         initial = train.init_train_state(exp)
-        report["random_init"] = evaluate_encoder(exp.model, variables_of(initial), exp.config, exp.mesh)
+        report["random_init"] = evaluate_encoder(exp.model, variables_of(initial), exp.config, local_mesh)
     report["steps"] = int(jax.device_get(result.state.step))
     return report
 
