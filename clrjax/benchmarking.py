@@ -2,18 +2,32 @@
 
 Every figure is measured, never assumed:
   * step time is the median of ``steps`` timed steps after ``warmup`` steps,
-    each ended with ``block_until_ready``;
-  * FLOPs per step come from XLA's cost analysis of the compiled step;
-  * model FLOPs utilisation (MFU) = FLOPs per step / step time / (peak bf16
-    FLOP/s per device x devices), with the peak looked up from the device
-    kind (``PEAK_BF16_TFLOPS``); CPUs have no entry and report n/a;
+    each ended with ``block_until_ready`` (the state is donated, as in training);
+  * FLOPs per step come from XLA's cost analysis of the compiled step. On an
+    SPMD program XLA reports the FLOPs of *one device's* program (checked
+    against a sharded matmul in ``tests/test_benchmark.py``), so the step's
+    total is that figure times the number of devices. Two caveats, both from
+    how XLA counts: work replicated on every device (the optimizer update of
+    replicated parameters) is counted once per device, and a ``while`` loop
+    body (``lax.scan``, SimCLR ``chunk_size``) is counted once, not per trip;
+  * model FLOPs utilisation (MFU) = model FLOPs per step / step time /
+    (peak dense bf16 FLOP/s per device x devices), with the peak looked up
+    from the device kind (``PEAK_BF16_TFLOPS``) or given explicitly; CPUs
+    have no entry and report n/a. With ``model.remat=True`` the compiled
+    step also recomputes activations: its FLOPs give the hardware FLOPs
+    utilisation (HFU), and the model FLOPs are counted on the same step
+    compiled (never run) without remat;
   * memory is the compiled program's own analysis (temporaries, arguments,
-    outputs) plus the device's peak bytes in use where the backend reports it.
+    outputs, per device) plus the device's peak bytes in use where the
+    backend reports it (GPU/TPU; not CPU).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import statistics
+import sys
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -26,18 +40,24 @@ from clrjax import config as config_lib
 from clrjax import losses, parallel, train
 from clrjax.data import augment, pipeline
 
-# Dense bf16 peak per chip (TFLOP/s), from the vendors' datasheets:
-# NVIDIA H100 SXM 989.4 (H100 datasheet, without sparsity), H200 SXM 989.4 (H200
-# datasheet), A100 312 (A100 datasheet); Google Cloud TPU docs: v4 275, v5e 197, v5p 459.
+# Dense (no sparsity) bf16 peak per JAX device, TFLOP/s, from the vendors' documents:
+#   NVIDIA H100 SXM 989.4 and H100 PCIe 756 (H100 datasheet; it lists 1,979 / 1,513 with
+#   sparsity), H200 SXM 989.4 (H200 datasheet), A100 312 (A100 datasheet);
+#   Cloud TPU docs, per chip: v4 275, v5e ("TPU v5 lite") 197, v5p ("TPU v5") 459,
+#   v6e ("TPU v6 lite") 918; v3 123 per chip = 61.5 per TensorCore (each core is one device).
+# Matching is by substring of ``device.device_kind.lower()``, longest key first, so
+# "NVIDIA H100 PCIe" finds "h100 pcie" before "h100". Other variants (e.g. H100 NVL)
+# fall back to the generic entry: pass the right peak explicitly (``--peak_tflops``).
 PEAK_BF16_TFLOPS = {
-    "h100": 989.4, "h200": 989.4, "a100": 312.0,
-    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
+    "h100 pcie": 756.0, "h100": 989.4, "h200": 989.4, "a100": 312.0,
+    "tpu v3": 61.5, "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0,
+    "tpu v5": 459.0, "tpu v6 lite": 918.0, "tpu v6e": 918.0,
 }
 
 
-def peak_tflops(device: jax.Device) -> Optional[float]:
-    """Peak dense bf16 TFLOP/s of one device, or None when unknown (e.g. CPU)."""
-    kind = device.device_kind.lower()
+def peak_tflops(device) -> Optional[float]:
+    """Peak dense bf16 TFLOP/s of one device (anything with ``device_kind``), or None (e.g. CPU)."""
+    kind = str(getattr(device, "device_kind", device)).lower()
     for name, tflops in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
         if name in kind:
             return tflops
@@ -45,12 +65,13 @@ def peak_tflops(device: jax.Device) -> Optional[float]:
 
 
 def compiled_cost(compiled) -> dict:
-    """FLOPs and memory of a compiled executable (per device, as XLA reports them)."""
+    """FLOPs and memory of a compiled executable, per device, as XLA reports them."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
         cost = cost[0] if cost else {}
     mem = compiled.memory_analysis()
-    out = {"flops": float(cost.get("flops", float("nan"))) if cost else float("nan")}
+    out = {"flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+           "bytes_accessed": float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")}
     for field in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                   "generated_code_size_in_bytes"):
         out[field] = int(getattr(mem, field, -1)) if mem is not None else -1
@@ -58,8 +79,12 @@ def compiled_cost(compiled) -> dict:
 
 
 def device_peak_memory() -> Optional[int]:
-    """Peak bytes in use on device 0 where the backend reports it (GPU/TPU)."""
-    stats = jax.local_devices()[0].memory_stats() if hasattr(jax.local_devices()[0], "memory_stats") else None
+    """Peak bytes in use on local device 0 where the backend reports it (GPU/TPU); None on CPU."""
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without allocator statistics raise or return None
+        stats = None
     if not stats:
         return None
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
@@ -79,13 +104,19 @@ def time_calls(fn: Callable[[], object], steps: int, warmup: int) -> list[float]
 
 @dataclasses.dataclass
 class StepResult:
-    batch_size: int
+    batch_size: int                 # global images per step (each seen as 2 views)
+    devices: int
     median_step_s: float
-    images_per_s: float
-    flops_per_step: float
-    mfu: Optional[float]
-    temp_bytes: int
-    argument_bytes: int
+    min_step_s: float
+    images_per_s: float             # batch_size / median_step_s
+    flops_per_step: float           # XLA-counted FLOPs of the compiled step, all devices
+    model_flops_per_step: float     # the same without remat recomputation (== flops_per_step without remat)
+    mfu: Optional[float]            # model FLOPs / time / (peak x devices); None when the peak is unknown
+    hfu: Optional[float]            # compiled FLOPs / time / (peak x devices)
+    peak_tflops_per_device: Optional[float]
+    temp_bytes: int                 # compiled temporaries, per device
+    argument_bytes: int             # compiled arguments (state + batch), per device
+    output_bytes: int
     peak_device_bytes: Optional[int]
     compile_s: float
 
@@ -101,14 +132,33 @@ def synthetic_config(config, num_examples: Optional[int] = None):
     })
 
 
-def benchmark_step(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> StepResult:
+def _first_batch(exp, config):
+    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
+    try:
+        return parallel.host_to_global(train._model_batch(next(loader)), exp.mesh)
+    finally:
+        loader.close()
+
+
+def _model_flops_without_remat(config, mesh) -> Optional[float]:
+    """Per-device FLOPs of the same step compiled without remat; None when remat is off."""
+    if not bool(config.model.get("remat", False)):
+        return None
+    plain = config_lib.apply_overrides(config, {"model.remat": False})
+    exp = train.build_experiment(plain, mesh)
+    state = jax.eval_shape(lambda: train.init_train_state(exp))
+    batch = _first_batch(exp, plain)
+    compiled = train.make_train_step(exp).lower(state, batch).compile()
+    return compiled_cost(compiled)["flops"]
+
+
+def benchmark_step(config, *, steps: int = 10, warmup: int = 2, mesh=None,
+                   peak_tflops_per_device: Optional[float] = None) -> StepResult:
     """Median full train-step time, throughput, FLOPs, MFU and memory."""
     exp = train.build_experiment(config, mesh)
     state = train.init_train_state(exp)
     step_fn = train.make_train_step(exp)
-    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
-    batch = parallel.host_to_global(train._model_batch(next(loader)), exp.mesh)
-    loader.close()
+    batch = _first_batch(exp, config)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -117,26 +167,43 @@ def benchmark_step(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> St
     holder = {"state": state}
 
     def one_step():
-        holder["state"], m = compiled(holder["state"], batch)
+        holder["state"], m = compiled(holder["state"], batch)  # state is donated, as in training
         return m["loss"]
 
     times = time_calls(one_step, steps, warmup)
     median = statistics.median(times)
-    # XLA reports per-device FLOPs of the SPMD program; the step's total is that times devices.
-    total_flops = cost["flops"] * exp.mesh.size
-    peak = peak_tflops(exp.mesh.devices.flat[0])
-    mfu = total_flops / median / (peak * 1e12 * exp.mesh.size) if peak else None
-    return StepResult(batch_size=config.batch_size, median_step_s=median,
-                      images_per_s=config.batch_size / median, flops_per_step=total_flops, mfu=mfu,
+    n_dev = exp.mesh.size
+    total_flops = cost["flops"] * n_dev  # XLA's figure is per device (SPMD program)
+    no_remat = _model_flops_without_remat(config, exp.mesh)
+    model_flops = total_flops if no_remat is None else no_remat * n_dev
+    peak = peak_tflops_per_device or peak_tflops(exp.mesh.devices.flat[0])
+    denom = peak * 1e12 * n_dev * median if peak else None
+    return StepResult(batch_size=config.batch_size, devices=n_dev, median_step_s=median, min_step_s=min(times),
+                      images_per_s=config.batch_size / median, flops_per_step=total_flops,
+                      model_flops_per_step=model_flops,
+                      mfu=model_flops / denom if denom else None, hfu=total_flops / denom if denom else None,
+                      peak_tflops_per_device=peak,
                       temp_bytes=cost["temp_size_in_bytes"], argument_bytes=cost["argument_size_in_bytes"],
-                      peak_device_bytes=device_peak_memory(), compile_s=compile_s)
+                      output_bytes=cost["output_size_in_bytes"], peak_device_bytes=device_peak_memory(),
+                      compile_s=compile_s)
 
 
 def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> dict:
-    """Images/s of the host loader alone, and of host loader + on-device augmentation."""
+    """Images/s of the host loader alone, and of host loader + transfer + on-device augmentation.
+
+    * host: ``TrainLoader.batch_at`` run synchronously, i.e. what the training
+      loop's single prefetch thread can deliver per second;
+    * host + augment: the prefetching loader, ``host_to_global`` and the jitted
+      two-view augmentation, blocked on each batch. In training the
+      augmentation runs inside the step, so this figure is a conservative
+      bound on how fast the input side can feed a step.
+    """
     exp = train.build_experiment(config, mesh)
-    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=2)
-    host_times = time_calls(lambda: next(loader)["image"], steps, warmup)
+    b = config.batch_size
+    sync = pipeline.TrainLoader(exp.train_source, b, config.seed, prefetch=0)
+    host_times = time_calls(lambda: next(sync)["image"], steps, warmup)
+    sync.close()
+
     aug_cfg = config.augment.to_dict()
     key = jax.random.PRNGKey(0)
 
@@ -144,27 +211,46 @@ def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> d
     def views(batch):
         return augment.two_views(batch["image"], batch["index"], key, aug_cfg)
 
+    loader = pipeline.TrainLoader(exp.train_source, b, config.seed, prefetch=2)
+
     def load_and_augment():
         return views(parallel.host_to_global(train._model_batch(next(loader)), exp.mesh))
 
-    both_times = time_calls(load_and_augment, steps, warmup)
-    loader.close()
-    b = config.batch_size
-    return {"host_images_per_s": b / statistics.median(host_times),
+    try:
+        both_times = time_calls(load_and_augment, steps, warmup)
+    finally:
+        loader.close()
+    return {"batch_size": b,
+            "host_images_per_s": b / statistics.median(host_times),
             "host_plus_augment_images_per_s": b / statistics.median(both_times)}
 
 
 def benchmark_losses(methods: Sequence[str], batch_sizes: Iterable[int], dims: Iterable[int], *,
-                     mesh=None, steps: int = 5, warmup: int = 1, loss_overrides: Optional[dict] = None) -> list:
-    """Forward+backward time and compiled temporary memory of each loss per (N, d)."""
+                     mesh=None, steps: int = 5, warmup: int = 1, loss_overrides: Optional[dict] = None,
+                     impls: Sequence[str] = ("auto",)) -> list:
+    """Forward+backward time and compiled temporary memory of each loss per (N, d).
+
+    ``impls`` sweeps ``impl`` ('auto'|'replicated'|'column_split') for the losses
+    that take it (Barlow Twins, VICReg, TiCo); SimCLR has no ``impl`` and runs once.
+    A row that fails (e.g. out of device memory at large N, d) records the error.
+    """
     mesh = parallel.make_mesh() if mesh is None else mesh
+    batch_sizes, dims = list(batch_sizes), list(dims)
     rows = []
     for method_name in methods:
         method = losses.get_method(method_name)
-        kwargs = dict((loss_overrides or {}).get(method_name, {}))
-        for n in batch_sizes:
-            for d in dims:
-                rows.append(_loss_row(method, kwargs, n, d, mesh, steps, warmup))
+        base = dict((loss_overrides or {}).get(method_name, {}))
+        takes_impl = "impl" in losses.loss_kwarg_names(method_name)
+        variants = [dict(base, impl=i) for i in impls] if takes_impl and "impl" not in base else [base]
+        for kwargs in variants:
+            for n in batch_sizes:
+                for d in dims:
+                    try:
+                        rows.append(_loss_row(method, kwargs, n, d, mesh, steps, warmup))
+                    except Exception as err:  # noqa: BLE001 - record and go on (OOM at large N, d)
+                        rows.append({"method": method.name, "N": n, "d": d, "devices": mesh.size,
+                                     "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                                     **{f"loss.{k}": v for k, v in kwargs.items()}})
     return rows
 
 
@@ -190,11 +276,16 @@ def _loss_row(method, kwargs, n, d, mesh, steps, warmup) -> dict:
 
 
 def environment() -> dict:
-    """Device and library versions, recorded beside every figure."""
+    """Device, library versions and the command line, recorded beside every figure."""
     import flax
+    import jaxlib
     import optax
     dev = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
-            "device_count": jax.device_count(), "process_count": jax.process_count(),
-            "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "numpy": np.__version__}
+            "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+            "process_count": jax.process_count(), "host_cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "jaxlib": getattr(jaxlib, "__version__", "?"), "flax": flax.__version__,
+            "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

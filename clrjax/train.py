@@ -35,6 +35,7 @@ from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
 from clrjax import losses, metrics as metrics_lib, models, optim, parallel
 from clrjax.data import augment, pipeline, sources
+from clrjax.evaluation.knn_monitor import KnnMonitor
 
 
 class NonFiniteError(RuntimeError):
@@ -50,6 +51,7 @@ class TrainState:
     method_state: Any          # e.g. TiCo's running covariance; {} when stateless
     rng: jax.Array             # base key; step keys are fold_in(rng, step)
     skips: jax.Array           # consecutive dropped (non-finite) updates
+    total_skips: jax.Array     # all dropped updates of the run
 
 
 # --------------------------------------------------------------------------- setup
@@ -146,7 +148,7 @@ def init_train_state(exp: Experiment) -> TrainState:
             step=jnp.zeros((), jnp.int32), params=params,
             batch_stats=variables.get("batch_stats", {}), opt_state=exp.tx.init(params),
             method_state=exp.method.init_state(config.projector.out_dim),
-            rng=aug_key, skips=jnp.zeros((), jnp.int32))
+            rng=aug_key, skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
     return jax.jit(init_fn, out_shardings=parallel.replicated(exp.mesh))()
 
@@ -213,10 +215,12 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
         updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                 batch_stats=batch_stats, opt_state=opt_state,
                                 method_state=method_state, skips=jnp.zeros_like(state.skips))
-        dropped = state.replace(step=state.step + 1, skips=state.skips + 1)
+        dropped = state.replace(step=state.step + 1, skips=state.skips + 1,
+                                total_skips=state.total_skips + 1)
         new_state = jax.tree.map(lambda u, d: jnp.where(finite, u, d), updated, dropped)
         step_metrics = dict(loss_metrics, loss=ssl_loss, probe_loss=probe_loss, probe_acc=probe_acc,
-                            grad_norm=grad_norm, finite=finite, lr=exp.schedule(state.step))
+                            grad_norm=grad_norm, finite=finite, lr=exp.schedule(state.step),
+                            skipped_updates=new_state.total_skips)
         return new_state, step_metrics
 
     if not jit:
@@ -325,13 +329,13 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     latest = checkpointer.latest_step()
     if latest is not None:
         state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
-        logging.info("Resumed from step %d in %s", latest, checkpointer.directory)
+        _announce(main, f"Resumed from step {latest} in {checkpointer.directory}")
     if main:
         metrics_lib.write_config_json(workdir, config)
 
     start = int(jax.device_get(state.step))
     if start >= exp.total_steps:
-        logging.info("Run in %s already finished (%d/%d steps).", workdir, start, exp.total_steps)
+        _announce(main, f"Run in {workdir} already finished ({start}/{exp.total_steps} steps).")
         checkpointer.close()
         return RunResult(state, exp, _last_logged(workdir), 0)
 
@@ -341,6 +345,13 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     if main and result.state is not None and int(result.state.step) >= exp.total_steps:
         metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
     return result
+
+
+def _announce(main: bool, message: str) -> None:
+    """A line the user should see on the console (process 0) and in the log."""
+    logging.info(message)
+    if main:
+        print(message, flush=True)
 
 
 def _last_logged(workdir: str) -> dict:
@@ -357,6 +368,8 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
                                   start_step=start)
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
     progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
+    knn_every = config.eval.knn_every_steps
+    knn_monitor = KnnMonitor(exp.model, config) if (knn_every and main) else None
     policy, max_skips = config.nonfinite.policy, config.nonfinite.max_consecutive_skips
     pending = None          # the previous step's metrics, read one step late so the host never stalls the device
     last_logged, stopped_early = {}, False
@@ -365,9 +378,8 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
         for step in range(start, end):
             batch = parallel.host_to_global(_model_batch(next(loader)), exp.mesh)
             state, step_metrics = step_fn(state, batch)
-            if pending is not None:
-                _check_finite(pending, policy, max_skips, checkpointer)
-            pending = (step + 1, step_metrics, state.skips)
+            previous, pending = pending, (step + 1, step_metrics, state.skips)
+            _check_finite(previous, policy, max_skips, checkpointer)
             steps_since_log += 1
             done = step + 1
             if done % config.log_every_steps == 0 or done == end:
@@ -380,10 +392,17 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
                     progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)
                 last_logged = dict(scalars, step=done)
                 t_last, steps_since_log = time.perf_counter(), 0
+            if knn_monitor is not None and (done % knn_every == 0 or done == exp.total_steps):
+                knn = knn_monitor(state)
+                writer.write_scalars(done, knn)
+                logging.info("step %d kNN: %s", done, knn)
+                last_logged.update(knn)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             if _agreed_stop(should_stop, done, config.log_every_steps) or checkpointer.reached_preemption(done):
                 stopped_early = True
             if checkpointer.should_save(done) or done == end or stopped_early:
                 _check_finite(pending, policy, max_skips, checkpointer)
+                pending = None  # checked: never save a state whose step is unverified
                 checkpointer.save(done, state, _meta(loader, done), force=True)
             if stopped_early:
                 break
@@ -423,6 +442,8 @@ def _meta(loader, step: int) -> dict:
 
 def _check_finite(pending, policy: str, max_skips: int, checkpointer) -> None:
     """Raises NonFiniteError per the policy when the pending step's update was dropped."""
+    if pending is None:
+        return
     step, step_metrics, skips = pending
     finite = bool(jax.device_get(step_metrics["finite"]))
     if finite:

@@ -54,6 +54,9 @@ def main(argv):
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "--config=configs/simclr.py:digits --workdir=runs/simclr_digits")
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint phase at INFO; the console keeps the progress line.
+        logging.set_verbosity(logging.WARNING)
     from clrjax import parallel
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)

@@ -126,7 +126,8 @@ def test_nonfinite_skip_policy_keeps_state_finite():
         lambda x: jnp.full_like(x, jnp.nan), poisoned.params["projector"])})
     new_state, m = step_fn(poisoned, parallel.host_to_global(batch, mesh))
     assert not bool(m["finite"])
-    assert int(new_state.step) == 1 and int(new_state.skips) == 1
+    assert int(new_state.step) == 1 and int(new_state.skips) == 1 and int(new_state.total_skips) == 1
+    assert int(m["skipped_updates"]) == 1
     # The encoder was not touched by the dropped update.
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params["encoder"]),
                  before["encoder"])
@@ -153,3 +154,13 @@ def test_checkpoint_write_failure_stops_and_keeps_earlier_checkpoints(tmp_path, 
     # The earlier checkpoint is intact and the run resumes from it to the end.
     result = train.train(config, str(tmp_path))
     assert result.steps_run == 4 and int(result.state.step) == 6
+
+
+def test_periodic_knn_is_logged(tmp_path):
+    from clrjax import metrics as metrics_lib
+
+    config = tiny_config("simclr", num_steps=4, **{"eval.knn_every_steps": 2, "eval.knn_k": (5,)})
+    train.train(config, str(tmp_path))
+    rows = [r for r in metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl")) if "knn5_top1" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0.0 <= r["knn5_top1"] <= 1.0 for r in rows)

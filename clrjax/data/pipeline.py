@@ -20,9 +20,23 @@ training and per-example augmentation keys rely on):
 Resuming: ``TrainLoader(..., start_step=state['step'])`` yields exactly the
 stream that the saved loader would have yielded next.
 
-Grain is not used here: its shuffles would give the same guarantees with
-more machinery, and the contract above is short enough to own. Parallel decode
-of variable-size images lives in ``TfdsSource`` (a thread pool).
+Readers. The contract above is owned here, not by grain: grain's samplers
+and shuffles would give a different (equally deterministic) order. What reads
+the stream depends on the source (``reader='auto'``):
+
+* TFDS array_record sources (anything with ``data_source`` and ``decode``,
+  i.e. ``TfdsSource``) are read **with grain** (:mod:`clrjax.data.grain_reader`):
+  grain's ``MapDataset.source(data_source)`` reads exactly this process's
+  index stream (``local_rows(s)`` for s = start_step, ...) and decodes/crops
+  in grain's read threads with a read-ahead buffer that spans batches; whole
+  batches are built ahead in a background thread.
+* in-memory sources (digits, fashion_mnist, synthetic) are read directly:
+  ``source[local_rows(s)]`` is one fancy-indexing call, which grain's
+  per-example machinery would only slow down.
+
+Both readers yield identical batches (:meth:`TrainLoader.batch_at` is the
+direct reader's batch and the reference); the position is the step in both,
+so ``state()`` stays ``{'step': s}`` and is all a checkpoint needs.
 """
 from __future__ import annotations
 
@@ -51,6 +65,11 @@ def _check_sharding(global_batch: int, process_index: int, process_count: int) -
         raise ValueError(f"the global batch ({global_batch}) must be a positive multiple of the process count "
                          f"({process_count}) so that every process reads the same number of rows")
     return global_batch // process_count
+
+
+def has_record_source(source) -> bool:
+    """Whether ``source`` exposes a raw record source (``data_source``) and its ``decode`` (TfdsSource)."""
+    return hasattr(source, "data_source") and callable(getattr(source, "decode", None))
 
 
 def _as_int32_counter(values: np.ndarray) -> np.ndarray:
@@ -127,7 +146,13 @@ class TrainLoader:
       seed: non-negative seed of the epoch permutations.
       process_index, process_count: p and P; this process yields B/P rows.
       start_step: the first step yielded (resume from ``state()['step']``).
-      prefetch: batches prepared ahead in a background thread; 0 = synchronous.
+      prefetch: batches prepared ahead in a background thread; 0 = none (the direct
+        reader is then synchronous; grain still reads ahead ``read_ahead`` examples).
+      reader: 'auto' (grain for sources with a raw record source, i.e. TFDS, else
+        direct), 'grain' (any source; non-TFDS ones are read via ``source[i]``) or 'direct'.
+      read_threads: grain read/decode threads; default the source's ``num_threads``
+        attribute (TfdsSource) or 8.
+      read_ahead: examples grain reads ahead of the consumer; default two local batches.
 
     Yields:
       ``{'image': uint8 [B/P, H, W, C], 'label': int32 [B/P], 'index': int32 [B/P]}``.
@@ -136,7 +161,8 @@ class TrainLoader:
     """
 
     def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
-                 start_step: int = 0, prefetch: int = 2):
+                 start_step: int = 0, prefetch: int = 2, reader: str = "auto",
+                 read_threads: Optional[int] = None, read_ahead: Optional[int] = None):
         self.local_batch = _check_sharding(global_batch, process_index, process_count)
         if global_batch > len(source):
             raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({len(source)} "
@@ -154,6 +180,15 @@ class TrainLoader:
         self._prefetch_depth = int(prefetch)
         self._prefetcher: Optional[_Prefetcher] = None
         self._closed = False
+        if reader not in ("auto", "grain", "direct"):
+            raise ValueError(f"reader must be 'auto', 'grain' or 'direct', got {reader!r}")
+        if reader == "auto":
+            reader = "grain" if has_record_source(source) else "direct"
+        self.reader = reader
+        if read_threads is None:
+            read_threads = int(getattr(source, "num_threads", 8))
+        self._read_threads, self._read_ahead = int(read_threads), read_ahead
+        self._grain_iter = None  # grain DatasetIterator, created on the first next()
 
     # -- the contract
 
@@ -172,15 +207,26 @@ class TrainLoader:
         start = position * self.global_batch
         return self._permutation(epoch)[start:start + self.global_batch]
 
-    def batch_at(self, step: int) -> Batch:
-        """This process's batch of ``step``, computed synchronously (no prefetch, no state change)."""
+    def local_rows(self, step: int) -> np.ndarray:
+        """Dataset indices of this process's rows of ``step``: int64 [B/P] (what every reader reads)."""
         first = self.process_index * self.local_batch
-        rows = self.global_rows(step)[first:first + self.local_batch]
-        batch = dict(self.source[rows])
+        return self.global_rows(step)[first:first + self.local_batch]
+
+    def local_counters(self, step: int) -> np.ndarray:
+        """The ``index`` field of this process's batch of ``step``: int32 [B/P], s*B + row (wrapped)."""
+        first = self.process_index * self.local_batch
+        counter = np.int64(step) * self.global_batch + first + np.arange(self.local_batch, dtype=np.int64)
+        return _as_int32_counter(counter)
+
+    def batch_at(self, step: int) -> Batch:
+        """This process's batch of ``step`` read directly (``source[rows]``), synchronously.
+
+        No prefetch, no state change; the reference that the grain reader matches.
+        """
+        batch = dict(self.source[self.local_rows(step)])
         batch["image"] = np.asarray(batch["image"], np.uint8)
         batch["label"] = np.asarray(batch["label"], np.int32)
-        counter = np.int64(step) * self.global_batch + first + np.arange(self.local_batch, dtype=np.int64)
-        batch["index"] = _as_int32_counter(counter)
+        batch["index"] = self.local_counters(step)
         return batch
 
     # -- iteration and state
@@ -195,7 +241,9 @@ class TrainLoader:
     def __next__(self) -> Batch:
         if self._closed:
             raise RuntimeError("the loader is closed")
-        if self._prefetch_depth <= 0:
+        if self.reader == "grain":
+            batch = self._next_from_grain()
+        elif self._prefetch_depth <= 0:
             batch = self.batch_at(self._step)
         else:
             if self._prefetcher is None:
@@ -204,12 +252,30 @@ class TrainLoader:
         self._step += 1
         return batch
 
+    def _next_from_grain(self) -> Batch:
+        if self._grain_iter is None:
+            from clrjax.data import grain_reader  # local: importing grain costs ~1 s
+
+            stream = grain_reader.build_stream(self, self._step, read_threads=self._read_threads,
+                                               read_ahead=self._read_ahead, batch_prefetch=self._prefetch_depth)
+            self._grain_iter = iter(stream)
+        batch = next(self._grain_iter)
+        # The stream is built from the step; the counters prove it is still aligned with it.
+        expected = self.local_counters(self._step)
+        if batch["index"][0] != expected[0] or len(batch["index"]) != len(expected):
+            raise RuntimeError(f"grain stream out of step: got counters from {batch['index'][0]}, "
+                               f"expected step {self._step} ({expected[0]})")
+        return batch
+
     def close(self) -> None:
-        """Stops the prefetch thread; the loader cannot be iterated afterwards."""
+        """Stops the prefetch/read threads; the loader cannot be iterated afterwards."""
         self._closed = True
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+        if self._grain_iter is not None:
+            self._grain_iter.close()
+            self._grain_iter = None
 
     def __enter__(self) -> "TrainLoader":
         return self

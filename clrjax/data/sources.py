@@ -363,8 +363,25 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._ds)
 
+    @property
+    def data_source(self):
+        """The raw TFDS array_record data source (index -> example dict).
+
+        What the grain reader (``clrjax.data.grain_reader``) reads; :meth:`decode`
+        turns one of its examples into this source's (image, label).
+        """
+        return self._ds
+
+    @property
+    def num_threads(self) -> int:
+        """Decode threads (this source's pool; also the grain reader's default)."""
+        return self._num_threads
+
     def _load_one(self, i: int) -> Tuple[np.ndarray, int]:
-        example = self._ds[int(i)]
+        return self.decode(self._ds[int(i)])
+
+    def decode(self, example: Mapping[str, Any]) -> Tuple[np.ndarray, int]:
+        """One example of :attr:`data_source` -> (uint8 [*image_shape], label); both readers use it."""
         image = np.asarray(example[self._image_key])
         if image.ndim == 2:
             image = image[..., None]
