@@ -103,3 +103,23 @@ def _imagenet(c) -> None:
     c.model.name = "resnet50"          # the papers' standard encoder
     c.model.dtype = "bfloat16"         # bf16 compute, float32 parameters
     c.eval.batch_size = 1024
+
+
+def apply_cpu_recipe(c, preset: str) -> None:
+    """The training recipe shared by every method on the CPU-sized presets.
+
+    Measured on 2 CPU cores (STACK_NOTES): AdamW 2e-3 at batch 256 trains the
+    4-layer CNN on digits in about a minute (60 epochs = 300 steps); Fashion-MNIST
+    needs ~10 epochs to beat raw pixels. Methods set only projector and loss.
+    """
+    if preset not in ("digits", "fashion_mnist"):
+        raise ValueError(f"apply_cpu_recipe is for digits and fashion_mnist, not {preset!r}.")
+    digits = preset == "digits"
+    c.batch_size = 256                 # STACK_NOTES digits/Fashion-MNIST runs
+    c.num_epochs = 60.0 if digits else 10.0  # ~1 min on digits; ~10 min on Fashion-MNIST (2 CPU cores)
+    c.optimizer.name = "adamw"         # STACK_NOTES: AdamW works at this scale without LARS
+    c.optimizer.lr = 2e-3              # STACK_NOTES digits run
+    c.optimizer.weight_decay = 1e-4    # light decoupled decay
+    c.optimizer.warmup_epochs = 5.0 if digits else 1.0  # short linear warmup, then cosine
+    c.probe.lr = 1e-2 if digits else 1e-3  # the digits probe sees only ~300 steps
+    c.checkpoint.every_steps = 100 if digits else 500

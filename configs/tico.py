@@ -22,23 +22,15 @@ def get_config(arg=None):
 
 
 def _digits(c):
-    c.batch_size = 256
-    c.num_epochs = 60.0                # ~300 steps: about a minute on 2 CPU cores
-    c.projector.hidden_dims = (512,)
-    c.projector.out_dim = 128
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 2e-3
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.warmup_epochs = 5.0
-    c.probe.lr = 1e-2
-    c.checkpoint.every_steps = 100
+    presets.apply_cpu_recipe(c, "digits")
+    c.projector.hidden_dims = (512,)   # scaled-down TiCo projector
+    c.projector.out_dim = 128          # embedding dimension d (cov is d x d)
 
 
 def _fashion_mnist(c):
-    _digits(c)
-    c.num_epochs = 10.0
-    c.probe.lr = 1e-3
-    c.checkpoint.every_steps = 500
+    presets.apply_cpu_recipe(c, "fashion_mnist")
+    c.projector.hidden_dims = (512,)
+    c.projector.out_dim = 128
 
 
 def _cifar(c):

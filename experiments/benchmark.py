@@ -7,8 +7,11 @@ COMMAND:
   python experiments/benchmark.py --config=configs/simclr.py:cifar10 --sweep_batch=64,128,256
   # loss-only: forward+backward time and compiled temporary memory per (N, d)
   python experiments/benchmark.py --config=configs/simclr.py:digits --mode=loss \
-      --loss_methods=simclr,barlow_twins --loss_batch=1024,4096 --loss_dims=128,2048
-Prints a table and writes JSON (--json_out, default benchmark.json) with the device and versions.
+      --loss_methods=simclr,barlow_twins --loss_batch=1024,4096 --loss_dims=128,2048 \
+      --loss_impl=replicated,column_split
+Prints a table and writes JSON (--json_out, default benchmark.json) with the device, the
+library versions and the command line. Figures are measured; see clrjax/benchmarking.py
+for how FLOPs, MFU and memory are counted.
 """
 import json
 
@@ -22,9 +25,13 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _SWEEP_BATCH = flags.DEFINE_list("sweep_batch", None, "Global batch sizes to sweep in step mode.")
 _REAL_DATA = flags.DEFINE_bool("real_data", False, "Use the config's dataset instead of synthetic images.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s per device for MFU; default: "
+                           "looked up from the device kind (clrjax.benchmarking.PEAK_BF16_TFLOPS).")
 _LOSS_METHODS = flags.DEFINE_list("loss_methods", ["simclr", "barlow_twins", "vicreg", "tico"], "Losses to time.")
 _LOSS_BATCH = flags.DEFINE_list("loss_batch", ["1024", "4096"], "Global N for loss mode.")
 _LOSS_DIMS = flags.DEFINE_list("loss_dims", ["128", "2048"], "Embedding dims d for loss mode.")
+_LOSS_IMPL = flags.DEFINE_list("loss_impl", ["auto"], "impl values swept for Barlow Twins, VICReg, TiCo "
+                               "(auto, replicated, column_split).")
 _JSON_OUT = flags.DEFINE_string("json_out", "benchmark.json", "Where to write the results.")
 
 
@@ -34,6 +41,17 @@ def _fmt_bytes(n):
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _fmt_flops(f):
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if f >= scale:
+            return f"{f / scale:8.3f} {unit}"
+    return f"{f:8.0f} FLOP"
+
+
+def _fmt_pct(x):
+    return f"{100 * x:.1f}%" if x is not None else "n/a"
+
+
 def _step_rows(config, batch_sizes):
     from clrjax import benchmarking, config as config_lib
     rows = []
@@ -41,13 +59,31 @@ def _step_rows(config, batch_sizes):
         cfg = config_lib.apply_overrides(config, {"batch_size": b})
         if not _REAL_DATA.value:
             cfg = benchmarking.synthetic_config(cfg)
-        r = benchmarking.benchmark_step(cfg, steps=_STEPS.value, warmup=_WARMUP.value)
+        r = benchmarking.benchmark_step(cfg, steps=_STEPS.value, warmup=_WARMUP.value,
+                                        peak_tflops_per_device=_PEAK.value)
         rows.append(r.__dict__)
-        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         print(f"step  batch {b:>6} | {r.median_step_s * 1e3:9.1f} ms | {r.images_per_s:10,.0f} img/s | "
-              f"{r.flops_per_step / 1e12:8.3f} TFLOP/step | MFU {mfu:>6} | temp {_fmt_bytes(r.temp_bytes)} | "
+              f"{_fmt_flops(r.flops_per_step)}/step | MFU {_fmt_pct(r.mfu):>6} | HFU {_fmt_pct(r.hfu):>6} | "
+              f"temp {_fmt_bytes(r.temp_bytes)}/dev | args {_fmt_bytes(r.argument_bytes)}/dev | "
               f"peak {_fmt_bytes(r.peak_device_bytes)} | compile {r.compile_s:.1f}s", flush=True)
     return rows
+
+
+def _input_row(config, step_rows):
+    from clrjax import benchmarking
+    cfg = config if _REAL_DATA.value else benchmarking.synthetic_config(config)
+    inp = benchmarking.benchmark_input(cfg, steps=_STEPS.value, warmup=_WARMUP.value)
+    print(f"input batch {config.batch_size}: host {inp['host_images_per_s']:,.0f} img/s | "
+          f"host + on-device augmentation {inp['host_plus_augment_images_per_s']:,.0f} img/s", flush=True)
+    same = [r for r in step_rows or [] if r["batch_size"] == config.batch_size]
+    if same:
+        step_ips = same[0]["images_per_s"]
+        inp["host_to_step_ratio"] = inp["host_images_per_s"] / step_ips
+        inp["input_to_step_ratio"] = inp["host_plus_augment_images_per_s"] / step_ips
+        print(f"input/step throughput ratio: {inp['input_to_step_ratio']:.2f} with augmentation, "
+              f"{inp['host_to_step_ratio']:.2f} host loader alone (>1: the step, not the input, is the "
+              f"bottleneck; target >= 1.5)", flush=True)
+    return inp
 
 
 def main(argv):
@@ -56,29 +92,29 @@ def main(argv):
     config = _CONFIG.value
     env = benchmarking.environment()
     print(f"device: {env['device_kind']} x{env['device_count']} ({env['backend']}) | jax {env['jax']} "
-          f"flax {env['flax']} optax {env['optax']}")
+          f"jaxlib {env['jaxlib']} flax {env['flax']} optax {env['optax']} | python {env['python']}")
+    print(f"command: {env['command']}")
     results = {"environment": env, "config": config.to_dict()}
     if "step" in _MODE.value:
         sizes = [int(b) for b in _SWEEP_BATCH.value] if _SWEEP_BATCH.value else [config.batch_size]
         results["step"] = _step_rows(config, sizes)
     if "input" in _MODE.value:
-        cfg = config if _REAL_DATA.value else benchmarking.synthetic_config(config)
-        inp = benchmarking.benchmark_input(cfg, steps=_STEPS.value, warmup=_WARMUP.value)
-        results["input"] = inp
-        print(f"input batch {config.batch_size}: host {inp['host_images_per_s']:,.0f} img/s | "
-              f"host + on-device augmentation {inp['host_plus_augment_images_per_s']:,.0f} img/s")
-        if "step" in results:
-            ratio = inp["host_plus_augment_images_per_s"] / results["step"][0]["images_per_s"]
-            print(f"input/step throughput ratio: {ratio:.2f} (>1 means the step is the bottleneck)")
-            results["input_to_step_ratio"] = ratio
+        results["input"] = _input_row(config, results.get("step"))
+        if "input_to_step_ratio" in results["input"]:
+            results["input_to_step_ratio"] = results["input"]["input_to_step_ratio"]
     if "loss" in _MODE.value:
         rows = benchmarking.benchmark_losses(_LOSS_METHODS.value, [int(n) for n in _LOSS_BATCH.value],
                                              [int(d) for d in _LOSS_DIMS.value], steps=_STEPS.value,
-                                             warmup=_WARMUP.value)
+                                             warmup=_WARMUP.value, impls=_LOSS_IMPL.value)
         results["loss"] = rows
         for r in rows:
-            print(f"loss {r['method']:<13} N {r['N']:>6} d {r['d']:>5} | fwd+bwd {r['median_s'] * 1e3:9.2f} ms | "
-                  f"{r['flops_per_device'] / 1e9:9.2f} GFLOP/dev | temp {_fmt_bytes(r['temp_bytes_per_device'])}/dev")
+            label = r["method"] + (f"/{r['loss.impl']}" if "loss.impl" in r else "")
+            if "error" in r:
+                print(f"loss {label:<26} N {r['N']:>6} d {r['d']:>5} | failed: {r['error']}", flush=True)
+                continue
+            print(f"loss {label:<26} N {r['N']:>6} d {r['d']:>5} | fwd+bwd {r['median_s'] * 1e3:9.2f} ms | "
+                  f"{r['flops_per_device'] / 1e9:9.3f} GFLOP/dev | temp {_fmt_bytes(r['temp_bytes_per_device'])}/dev",
+                  flush=True)
     with open(_JSON_OUT.value, "w") as f:
         json.dump(results, f, indent=2, default=str)
     print(f"wrote {_JSON_OUT.value}")

@@ -68,20 +68,14 @@ def logged(workdir):
 
 
 def restore_on_host(workdir, step=LAST_STEP):
-    """The saved train state as numpy arrays, whatever topology wrote it.
+    """The saved train state as numpy arrays, whatever topology wrote it."""
+    from clrjax.checkpoint import Checkpointer
 
-    Orbax refuses to restore without a target when the writer's devices differ
-    from ours, so the target is built from the checkpoint's own metadata.
-    """
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path)
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
+    try:
+        return checkpointer.restore_subtree(step)
+    finally:
+        checkpointer.close()
 
 
 def assert_same_state(a, b, atol=1e-5):

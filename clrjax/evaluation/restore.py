@@ -1,0 +1,396 @@
+"""A frozen encoder to evaluate or export, from a pretraining run or from an export.
+
+Two origins, one result (:class:`FrozenEncoder`: the encoder module, its
+variables, and the config whose ``dataset``/``augment``/``eval`` fields say
+what to evaluate it on):
+
+* :func:`from_workdir` -- a run directory written by ``experiments/train.py``:
+  the config is ``<workdir>/config.json`` (or one given explicitly), the
+  variables the ``'encoder'`` subtree of ``params`` and ``batch_stats`` of the
+  latest (or a chosen) Orbax checkpoint, restored to host memory whatever
+  topology wrote it (:meth:`clrjax.checkpoint.Checkpointer.restore_subtree`).
+* :func:`from_export` -- a directory (or ``.safetensors`` file) written by
+  :func:`clrjax.export.export_encoder`; the model comes from the export, the
+  dataset and preprocessing from the given config, which must agree with the
+  export's stored normalisation.
+
+Every check a user can fail (no checkpoint, a config of another architecture,
+an unknown split, a directory that is not an export) runs here, before any
+feature is extracted or any program compiled, and raises :class:`EvalInputError`
+with one sentence naming the problem and the fix. :func:`export_run` writes an
+export of a run's encoder (what ``experiments/export.py`` does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from clrjax import config as config_lib, export as export_lib, models
+from clrjax.checkpoint import Checkpointer
+from clrjax.data import augment, sources
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_SOURCE_FILE = "export_source.json"
+
+
+class EvalInputError(ValueError):
+    """An evaluation or export input is unusable; the message names it and the fix."""
+
+
+@dataclasses.dataclass
+class FrozenEncoder:
+    """An encoder in inference mode plus what to evaluate it on.
+
+    Attributes:
+      model_cfg: resolved encoder config (:func:`clrjax.models.resolve_model_config`).
+      variables: ``{'params', 'batch_stats'}`` of the encoder (host arrays).
+      config: ConfigDict; evaluation reads ``dataset``, ``augment``, ``eval``, ``seed``.
+      origin: ``'workdir'`` or ``'export'``; ``path`` the directory it came from.
+      step: the checkpoint step (None for an export without provenance).
+    """
+    model_cfg: Dict[str, Any]
+    variables: Dict[str, Any]
+    config: ml_collections.ConfigDict
+    origin: str
+    path: str
+    step: Optional[int]
+
+    @property
+    def module(self):
+        return models.build_encoder(self.model_cfg)
+
+    def encode_fn(self, variables: Optional[Mapping[str, Any]] = None):
+        """``uint8 images [B, H, W, C] -> float32 features [B, F]``: eval preprocessing + encoder.
+
+        Preprocessing is :func:`clrjax.data.augment.preprocess_eval` (centre
+        crop to ``augment.crop_size``, ``/255``, per-channel normalisation),
+        the same as the end-of-training evaluation. ``variables`` (default:
+        this encoder's) are closed over; place them replicated on the mesh
+        first (:func:`clrjax.parallel.replicate`) for data-parallel extraction.
+        """
+        module = self.module
+        aug_cfg = self.config.augment.to_dict()
+        variables = self.variables if variables is None else variables
+
+        def encode(images):
+            return module.apply(variables, augment.preprocess_eval(images, aug_cfg), train=False)
+        return encode
+
+    def float_encode_fn(self, variables: Optional[Mapping[str, Any]] = None):
+        """``float images (already preprocessed) -> features`` (the augmented linear protocol)."""
+        module = self.module
+        variables = self.variables if variables is None else variables
+        return lambda x: module.apply(variables, x, train=False)
+
+    def describe(self) -> str:
+        step = f" step {self.step}" if self.step is not None else ""
+        return f"{self.origin} {self.path}{step}"
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved in ``<workdir>/config.json``."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise EvalInputError(
+            f"{os.path.abspath(workdir)} has no {CONFIG_FILE}, so it is not a pretraining run directory; "
+            "pass the --workdir given to experiments/train.py, or --config with --encoder=EXPORT_DIR.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def check_config(config) -> ml_collections.ConfigDict:
+    """Validates a user-given config (unknown keys, names) as training does; returns an unlocked copy."""
+    try:
+        config_lib.validate_config(config)
+    except config_lib.ConfigError as err:
+        raise EvalInputError(f"config error: {err}") from None
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def load_split(config, field: str):
+    """The source of ``config.dataset.<field>`` (``train_split``/``test_split``); names the valid splits."""
+    split = config.dataset[field]
+    try:
+        return sources.load_source(config.dataset.to_dict(), split)
+    except ValueError as err:  # an unknown split or dataset: the message lists the valid ones
+        raise EvalInputError(
+            f"config.dataset.{field} is {split!r}, which {config.dataset.name} cannot load ({err}); "
+            f"set --config.dataset.{field} to one of its splits.") from None
+    except sources.DataError as err:
+        raise EvalInputError(f"config.dataset.{field}={split!r}: {err}") from None
+
+
+def load_splits(config) -> Tuple[Any, Any]:
+    """(train source, test source), both checked before any compute."""
+    return load_split(config, "train_split"), load_split(config, "test_split")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def model_input_shape(config) -> Tuple[int, int, int]:
+    """(S, S, C): the crop size and the dataset's channel count (no data is read)."""
+    (_, _, channels), _ = sources.dataset_info(config.dataset.to_dict())
+    crop = int(config.augment.crop_size)
+    return (crop, crop, channels)
+
+
+def expected_variable_shapes(model_cfg: Mapping, input_shape: Sequence[int]) -> Dict[str, Tuple[int, ...]]:
+    """``{'params/conv_0/kernel': shape, ...}`` the encoder has for this input (traced, not run)."""
+    module = models.build_encoder(model_cfg)
+    dummy = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
+    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), dummy)
+    return _flat_shapes(shapes)
+
+
+def _flat_shapes(tree: Mapping) -> Dict[str, Tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf)) for path, leaf in leaves}
+
+
+def check_variables_fit(model_cfg: Mapping, variables: Mapping, input_shape: Sequence[int], what: str) -> None:
+    """Raises unless ``variables`` have exactly the names and shapes the encoder expects.
+
+    ``what`` names where the variables came from and where the model config
+    came from, for the message (e.g. a ``--config`` of another architecture
+    than the checkpoint's, or an export evaluated on images with another
+    channel count).
+    """
+    models.check_input_size(model_cfg, tuple(input_shape[:2]))
+    expected = expected_variable_shapes(model_cfg, input_shape)
+    got = _flat_shapes(variables)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    name = model_cfg.get("name")
+    if wrong:
+        k = wrong[0]
+        problem = f"{k} has shape {got[k]} but {name} {_arch_summary(model_cfg)} on {tuple(input_shape)} inputs expects {expected[k]}"
+    elif missing or extra:
+        problem = (f"its variables {'lack ' + missing[0] if missing else 'have an extra ' + extra[0]}, "
+                   f"which {name} {_arch_summary(model_cfg)} {'needs' if missing else 'does not have'}")
+    else:
+        return
+    n = len(wrong) + len(missing) + len(extra)
+    more = f" ({n - 1} more mismatches)" if n > 1 else ""
+    raise EvalInputError(f"{what}: {problem}{more}; use the config the encoder was trained with.")
+
+
+def _arch_summary(model_cfg: Mapping) -> str:
+    fields = {k: v for k, v in model_cfg.items() if k not in ("name", "dtype")}
+    return "(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+
+
+# --------------------------------------------------------------------------- from a run
+
+
+def checkpoint_step(workdir: str, step: Optional[int] = None) -> Tuple[Checkpointer, int]:
+    """(checkpointer, step): the latest step, or ``step`` if it exists; clear errors otherwise.
+
+    The directory is checked before an Orbax manager is created (which would create it).
+    """
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    hint = ("train first with `python experiments/train.py --config=configs/<method>.py:<preset> "
+            f"--workdir={workdir}`")
+    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+        raise EvalInputError(f"no checkpoint in {directory}; {hint}.")
+    checkpointer = Checkpointer(directory, every_steps=1, keep=1_000_000, async_save=False)
+    steps = sorted(checkpointer.all_steps())
+    if not steps:
+        raise EvalInputError(f"no complete checkpoint in {directory}; {hint}.")
+    if step is None:
+        return checkpointer, steps[-1]
+    if step not in steps:
+        raise EvalInputError(f"{directory} has no checkpoint of step {step}; it has steps "
+                             f"{', '.join(map(str, steps))}: pass one of them (or omit --step for the latest).")
+    return checkpointer, int(step)
+
+
+def encoder_of_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """The encoder variables ``{'params', 'batch_stats'}`` of a restored TrainState tree."""
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    return models.encoder_variables({k: v for k, v in variables.items() if v})
+
+
+def from_workdir(workdir: str, config=None, step: Optional[int] = None,
+                 check_splits: bool = True) -> FrozenEncoder:
+    """The encoder of a pretraining run's checkpoint (latest unless ``step``).
+
+    ``config`` (a ConfigDict, e.g. ``--config``) replaces the run's
+    ``config.json``; its model must match the checkpoint's shapes. Checks,
+    in order: the config, the checkpoint's presence, the splits
+    (``check_splits``), then the architecture against the restored variables.
+    """
+    config = load_run_config(workdir) if config is None else check_config(config)
+    checkpointer, step = checkpoint_step(workdir, step)
+    if check_splits:
+        load_splits(config)
+    try:
+        model_cfg = models.resolve_model_config(config.model.to_dict())
+    except ValueError as err:
+        raise EvalInputError(f"config.model is invalid: {err}") from None
+    try:
+        state = checkpointer.restore_subtree(step)
+    finally:
+        checkpointer.close()
+    variables = encoder_of_state(state)
+    check_variables_fit(model_cfg, variables, model_input_shape(config),
+                        f"the checkpoint {checkpointer.directory}/{step} does not fit config.model")
+    return FrozenEncoder(model_cfg, variables, config, "workdir", os.path.abspath(workdir), step)
+
+
+# --------------------------------------------------------------------------- from an export
+
+
+def check_export_path(path: str) -> None:
+    """Raises unless ``path`` is an export directory (with model_config.json) or its .safetensors file."""
+    fix = "export a run with `python experiments/export.py --workdir=RUN --out=DIR` and pass that DIR"
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return
+    if not os.path.isdir(path):
+        raise EvalInputError(f"--encoder={path} does not exist; {fix}.")
+    has_config = os.path.isfile(os.path.join(path, export_lib.CONFIG_FILE))
+    has_safetensors = os.path.isfile(os.path.join(path, export_lib.SAFETENSORS_FILE))
+    if not has_config and not has_safetensors:
+        raise EvalInputError(f"{path} has no {export_lib.CONFIG_FILE} (nor {export_lib.SAFETENSORS_FILE}), "
+                             f"so it is not an encoder export; {fix}.")
+
+
+def check_preprocessing(stored: Optional[Mapping[str, Any]], config, path: str) -> None:
+    """Raises when the export's stored normalisation/size differs from ``config.augment``."""
+    if not stored:
+        return
+    ours = {"mean": list(config.augment.mean), "std": list(config.augment.std),
+            "image_size": int(config.augment.crop_size)}
+    for key, value in ours.items():
+        if key not in stored:
+            continue
+        theirs = stored[key]
+        same = (np.allclose(np.ravel(theirs).astype(float), np.ravel(value).astype(float))
+                if np.size(theirs) == np.size(value) else False)
+        if not same:
+            field = "crop_size" if key == "image_size" else key
+            raise EvalInputError(
+                f"the export {path} was trained with {key}={theirs} but config.augment.{field} is {value}; "
+                f"pass --config.augment.{field}={tuple(theirs) if isinstance(theirs, list) else theirs} "
+                "(the encoder expects its training preprocessing).")
+
+
+def from_export(path: str, config, check_splits: bool = True) -> FrozenEncoder:
+    """The encoder of an export (:func:`clrjax.export.load_encoder`), evaluated per ``config``."""
+    if config is None:
+        raise EvalInputError("--encoder needs --config for the dataset and preprocessing, e.g. "
+                             "--config=configs/simclr.py:digits.")
+    config = check_config(config)
+    path = os.path.abspath(path)
+    check_export_path(path)
+    if check_splits:
+        load_splits(config)
+    try:
+        loaded = export_lib.load_encoder(path)
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
+    check_preprocessing(loaded.preprocessing, config, path)
+    variables = jax.tree.map(np.asarray, loaded.variables)
+    check_variables_fit(loaded.model_cfg, variables, model_input_shape(config),
+                        f"the export {path} does not fit config.dataset/config.augment")
+    provenance = read_export_source(path)
+    return FrozenEncoder(loaded.model_cfg, variables, config, "export", path, provenance.get("step"))
+
+
+def read_export_source(path: str) -> Dict[str, Any]:
+    """``export_source.json`` (run workdir, step) of an export made by :func:`export_run`, or {}."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    source = os.path.join(directory, EXPORT_SOURCE_FILE)
+    if not os.path.isfile(source):
+        return {}
+    with open(source) as f:
+        return json.load(f)
+
+
+def from_flags(workdir: Optional[str], encoder: Optional[str], config, step: Optional[int]) -> FrozenEncoder:
+    """Exactly one of ``workdir``/``encoder``, as the evaluation programs take them."""
+    if bool(workdir) == bool(encoder):
+        raise EvalInputError("pass exactly one of --workdir=RUN (a pretraining run) or "
+                             "--encoder=EXPORT_DIR (with --config).")
+    if workdir:
+        return from_workdir(workdir, config, step)
+    if step is not None:
+        raise EvalInputError("--step selects a checkpoint of --workdir; an export has one encoder, drop --step.")
+    return from_export(encoder, config)
+
+
+def output_dir(encoder: FrozenEncoder, out: Optional[str]) -> str:
+    """Where results go: ``out`` if given, else the run directory or the export directory."""
+    if out:
+        return out
+    return encoder.path if os.path.isdir(encoder.path) else os.path.dirname(encoder.path)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def preprocessing_of(config) -> Dict[str, Any]:
+    """What an exported encoder expects: pixels /255, centre crop to image_size, (x - mean) / std."""
+    return {"mean": [float(v) for v in config.augment.mean], "std": [float(v) for v in config.augment.std],
+            "image_size": int(config.augment.crop_size)}
+
+
+def export_formats(model_cfg: Mapping, requested: Optional[Sequence[str]]) -> Tuple[Tuple[str, ...], list]:
+    """(formats to write, notes): the default skips 'torch' where it cannot be written, an explicit request fails.
+
+    ``requested=None`` means the default (every format). 'torch' needs
+    PyTorch and a ResNet or ViT (cnn_small has no torch counterpart).
+    """
+    explicit = requested is not None
+    formats = tuple(requested) if explicit else export_lib.FORMATS
+    unknown = [f for f in formats if f not in export_lib.FORMATS]
+    if unknown:
+        raise EvalInputError(f"--formats has {unknown[0]!r}; use any of {', '.join(export_lib.FORMATS)}.")
+    notes = []
+    if "torch" in formats:
+        reason = None
+        if not model_cfg["name"].startswith(("resnet", "vit")):
+            reason = f"{model_cfg['name']} has no torchvision/timm counterpart"
+        elif importlib.util.find_spec("torch") is None:
+            reason = "PyTorch is not installed (`pip install torch`)"
+        if reason and explicit:
+            raise EvalInputError(f"--formats asks for 'torch' but {reason}; drop torch from --formats.")
+        if reason:
+            formats = tuple(f for f in formats if f != "torch")
+            notes.append(f"skipped the torch format: {reason}.")
+    return formats, notes
+
+
+def export_run(workdir: str, out: Optional[str] = None, formats: Optional[Sequence[str]] = None,
+               step: Optional[int] = None) -> Tuple[Dict[str, str], list, FrozenEncoder]:
+    """Exports a run's encoder; returns ({format: path}, notes, the encoder).
+
+    Writes :func:`clrjax.export.export_encoder`'s files (default into
+    ``<workdir>/export``) with the run's preprocessing, plus
+    ``export_source.json`` (workdir, step) so evaluations of the export can
+    name the checkpoint it came from.
+    """
+    encoder = from_workdir(workdir, None, step, check_splits=False)
+    formats, notes = export_formats(encoder.model_cfg, formats)
+    out = os.path.abspath(out or os.path.join(workdir, "export"))
+    written = export_lib.export_encoder(out, encoder.model_cfg, encoder.variables, formats=formats,
+                                        preprocessing=preprocessing_of(encoder.config))
+    if jax.process_index() == 0:
+        with open(os.path.join(out, EXPORT_SOURCE_FILE), "w") as f:
+            json.dump({"workdir": encoder.path, "step": encoder.step}, f, indent=2)
+    for note in notes:
+        logging.info("export: %s", note)
+    return written, notes, encoder
