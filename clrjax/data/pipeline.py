@@ -27,12 +27,13 @@ the stream depends on the source (``reader='auto'``):
 * TFDS array_record sources (anything with ``data_source`` and ``decode``,
   i.e. ``TfdsSource``) are read **with grain** (:mod:`clrjax.data.grain_reader`):
   grain's ``MapDataset.source(data_source)`` reads exactly this process's
-  index stream (``local_rows(s)`` for s = start_step, ...) and decodes/crops
-  in grain's read threads with a read-ahead buffer that spans batches; whole
-  batches are built ahead in a background thread.
+  index stream (``local_rows(s)`` for s = start_step, ...), in chunks of a
+  step's rows, and decodes/crops in grain's read threads with a read-ahead
+  buffer that spans batches; whole batches are built ahead in a background
+  thread.
 * in-memory sources (digits, fashion_mnist, synthetic) are read directly:
-  ``source[local_rows(s)]`` is one fancy-indexing call, which grain's
-  per-example machinery would only slow down.
+  ``source[local_rows(s)]`` is one fancy-indexing call that grain's threads
+  would only add hand-offs to.
 
 Both readers yield identical batches (:meth:`TrainLoader.batch_at` is the
 direct reader's batch and the reference); the position is the step in both,
@@ -153,6 +154,7 @@ class TrainLoader:
       read_threads: grain read/decode threads; default the source's ``num_threads``
         attribute (TfdsSource) or 8.
       read_ahead: examples grain reads ahead of the consumer; default two local batches.
+      read_chunk: examples per grain read unit (default 32; see ``clrjax.data.grain_reader``).
 
     Yields:
       ``{'image': uint8 [B/P, H, W, C], 'label': int32 [B/P], 'index': int32 [B/P]}``.
@@ -162,7 +164,8 @@ class TrainLoader:
 
     def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
                  start_step: int = 0, prefetch: int = 2, reader: str = "auto",
-                 read_threads: Optional[int] = None, read_ahead: Optional[int] = None):
+                 read_threads: Optional[int] = None, read_ahead: Optional[int] = None,
+                 read_chunk: Optional[int] = None):
         self.local_batch = _check_sharding(global_batch, process_index, process_count)
         if global_batch > len(source):
             raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({len(source)} "
@@ -187,7 +190,7 @@ class TrainLoader:
         self.reader = reader
         if read_threads is None:
             read_threads = int(getattr(source, "num_threads", 8))
-        self._read_threads, self._read_ahead = int(read_threads), read_ahead
+        self._read_threads, self._read_ahead, self._read_chunk = int(read_threads), read_ahead, read_chunk
         self._grain_iter = None  # grain DatasetIterator, created on the first next()
 
     # -- the contract
@@ -257,7 +260,8 @@ class TrainLoader:
             from clrjax.data import grain_reader  # local: importing grain costs ~1 s
 
             stream = grain_reader.build_stream(self, self._step, read_threads=self._read_threads,
-                                               read_ahead=self._read_ahead, batch_prefetch=self._prefetch_depth)
+                                               read_ahead=self._read_ahead, batch_prefetch=self._prefetch_depth,
+                                               read_chunk=self._read_chunk or grain_reader.DEFAULT_READ_CHUNK)
             self._grain_iter = iter(stream)
         batch = next(self._grain_iter)
         # The stream is built from the step; the counters prove it is still aligned with it.

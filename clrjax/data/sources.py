@@ -36,6 +36,7 @@ datasets needs TensorFlow: ``pip install clrjax[tf]``).
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import gzip
 import os
 import struct
@@ -290,6 +291,39 @@ def _tfds_build_hint(tfds_name: str, data_dir: str) -> str:
             f"--config.dataset.data_dir at the directory that holds it")
 
 
+def _check_prepared(tfds_name: str, data_dir: str, base: str) -> None:
+    """DataError unless ``data_dir/base`` holds a finished build (a ``dataset_info.json``).
+
+    An interrupted ``tfds build`` or a hand-made directory otherwise surfaces as
+    a confusing TFDS message about the TFRECORD file format.
+    """
+    root = os.path.join(data_dir, base)
+    for pattern in ("*/dataset_info.json", "*/*/dataset_info.json"):  # version/ or config/version/
+        if glob.glob(os.path.join(root, pattern)):
+            return
+    raise DataError(f"TFDS dataset {tfds_name!r} is not prepared in {data_dir}: {root} holds no "
+                    f"dataset_info.json (an interrupted build?); delete {root} and "
+                    f"{_tfds_build_hint(tfds_name, data_dir)}.")
+
+
+def _check_readable(data_source, tfds_name: str, split: str, data_dir: str, keys: Sequence[str]) -> None:
+    """Reads the first and last record, so corrupt or truncated array_record files fail here,
+    naming the dataset, rather than at the first training step with a bare reader error.
+    (A truncated file can also read back as records whose fields are all None.)"""
+    n = len(data_source)
+    for i in sorted({0, n - 1}) if n else ():
+        try:
+            example = data_source[i]
+            missing = [k for k in keys if example.get(k) is None]
+            if missing:
+                raise ValueError(f"fields {missing} are empty")
+        except Exception as e:  # array_record raises RuntimeError/TypeError/... on bad files
+            raise DataError(f"TFDS dataset {tfds_name!r} split {split!r} in {data_dir} opens but record {i} "
+                            f"cannot be read ({type(e).__name__}: {str(e)[:200]}): its array_record files are "
+                            f"truncated or corrupt; delete the dataset's directory and "
+                            f"{_tfds_build_hint(tfds_name, data_dir)}.") from e
+
+
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Centre square crop of the shorter side, then bilinear (antialiased) resize to size x size.
 
@@ -339,6 +373,7 @@ class TfdsSource:
             raise DataError(f"TFDS dataset {tfds_name!r} is not prepared in {data_dir} "
                             f"(no directory {os.path.join(data_dir, base)}); "
                             f"{_tfds_build_hint(tfds_name, data_dir)}.")
+        _check_prepared(tfds_name, data_dir, base)
         import tensorflow_datasets as tfds  # local: importing tfds costs ~0.3 s
 
         try:
@@ -346,6 +381,7 @@ class TfdsSource:
         except Exception as e:  # tfds raises several types (AssertionError, DatasetNotFoundError, ...)
             raise DataError(f"cannot open TFDS dataset {tfds_name!r} split {split!r} in {data_dir} "
                             f"({type(e).__name__}: {str(e)[:300]}); {_tfds_build_hint(tfds_name, data_dir)}.") from e
+        _check_readable(self._ds, tfds_name, split, data_dir, (image_key, label_key))
         features = self._ds.dataset_info.features
         self._image_key, self._label_key = image_key, label_key
         native = tuple(features[image_key].shape)

@@ -173,7 +173,9 @@ def check_variables_fit(model_cfg: Mapping, variables: Mapping, input_shape: Seq
     got = _flat_shapes(variables)
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    # Kernels first: their shapes say most about the architecture (widths, channels).
+    wrong = sorted((k for k in set(expected) & set(got) if expected[k] != got[k]),
+                   key=lambda k: (not k.endswith("kernel"), k))
     name = model_cfg.get("name")
     if wrong:
         k = wrong[0]
@@ -208,6 +210,8 @@ def checkpoint_step(workdir: str, step: Optional[int] = None) -> Tuple[Checkpoin
         raise EvalInputError(f"no checkpoint in {directory}; {hint}.")
     checkpointer = Checkpointer(directory, every_steps=1, keep=1_000_000, async_save=False)
     steps = sorted(checkpointer.all_steps())
+    if not steps or (step is not None and step not in steps):
+        checkpointer.close()
     if not steps:
         raise EvalInputError(f"no complete checkpoint in {directory}; {hint}.")
     if step is None:
@@ -230,18 +234,18 @@ def from_workdir(workdir: str, config=None, step: Optional[int] = None,
 
     ``config`` (a ConfigDict, e.g. ``--config``) replaces the run's
     ``config.json``; its model must match the checkpoint's shapes. Checks,
-    in order: the config, the checkpoint's presence, the splits
+    in order: the checkpoint's presence, the config, the splits
     (``check_splits``), then the architecture against the restored variables.
     """
-    config = load_run_config(workdir) if config is None else check_config(config)
     checkpointer, step = checkpoint_step(workdir, step)
-    if check_splits:
-        load_splits(config)
     try:
-        model_cfg = models.resolve_model_config(config.model.to_dict())
-    except ValueError as err:
-        raise EvalInputError(f"config.model is invalid: {err}") from None
-    try:
+        config = load_run_config(workdir) if config is None else check_config(config)
+        if check_splits:
+            load_splits(config)
+        try:
+            model_cfg = models.resolve_model_config(config.model.to_dict())
+        except ValueError as err:
+            raise EvalInputError(f"config.model is invalid: {err}") from None
         state = checkpointer.restore_subtree(step)
     finally:
         checkpointer.close()

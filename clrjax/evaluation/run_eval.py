@@ -1,68 +1,314 @@
-"""Frozen-encoder evaluation of a pretraining run, and its end-of-run report.
+"""Frozen-encoder evaluation protocols of a run, and its end-of-training report.
 
-At the end of ``experiments/train.py`` the encoder (inference-mode BatchNorm,
-no projector) is evaluated on the dataset's own splits with the CLIP-style
-``features`` linear probe and weighted kNN (Wu et al. 2018), next to the
-identical encoder at its random initialisation (same seed): the difference is
-what pretraining bought. Results go to ``<workdir>/eval.json``; a re-run of a
-finished run prints the saved results instead of recomputing them.
+Protocols (each on the dataset's own ``train_split`` -> ``test_split``, the
+encoder in inference mode, no projector, eval preprocessing = centre crop +
+normalisation, :func:`clrjax.data.augment.preprocess_eval`):
+
+* ``features`` linear probe (CLIP, Radford et al. 2021, app. A.3): L2-regularised
+  logistic regression on precomputed standardised features, l2 chosen on a
+  held-out 20% of the training split (:func:`clrjax.evaluation.linear.linear_probe_features`);
+* ``augmented`` linear probe (SimCLR, Chen et al. 2020, app. B.5; BYOL app. C.1):
+  a linear head trained on features of random-resized-crop + flip views with
+  SGD + Nesterov momentum 0.9, cosine decay, no weight decay, tested at the centre
+  crop (:func:`clrjax.evaluation.linear.linear_probe_augmented`);
+* few-shot linear probes, k = 1, 5, 10, 25 examples per class, mean and
+  standard deviation over 5 draws (:mod:`clrjax.evaluation.fewshot`);
+* weighted kNN, k = 20 and 200, T = 0.07 (Wu et al. 2018, sec. 3.4),
+  blockwise (:mod:`clrjax.evaluation.knn`).
+
+Feature extraction is data-parallel over this process's devices
+(:func:`eval_mesh`). At the end of ``experiments/train.py`` the ``features``
+probe and kNN run on the trained encoder and on the identical encoder at its
+random initialisation (same seed): the difference is what pretraining bought.
+Results go to ``<workdir>/eval.json``; a re-run of a finished run prints the
+saved results instead of recomputing them. ``experiments/linear_eval.py`` and
+``experiments/knn_eval.py`` write ``linear_eval.json`` / ``knn_eval.json``
+(:func:`write_result`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
 from clrjax import metrics as metrics_lib, parallel
-from clrjax.data import augment, pipeline, sources
+from clrjax.data import augment, pipeline
 from clrjax.evaluation.features import extract_features
+from clrjax.evaluation.fewshot import few_shot
 from clrjax.evaluation.knn import knn_accuracy
-from clrjax.evaluation.linear import linear_probe_features
+from clrjax.evaluation.linear import linear_probe_augmented, linear_probe_features
+from clrjax.evaluation.restore import EvalInputError, FrozenEncoder, load_splits
 
 EVAL_FILE = "eval.json"
+LINEAR_EVAL_FILE = "linear_eval.json"
+KNN_EVAL_FILE = "knn_eval.json"
+PROTOCOLS = ("features", "augmented")
+KNN_KS = (20, 200)              # Wu et al. 2018 report k = 200; k = 20 is the common small-k setting
+KNN_TEMPERATURE = 0.07          # Wu et al. 2018, sec. 3.4
+FEW_SHOTS = (1, 5, 10, 25)
+FEW_SHOT_SEEDS = 5
+AUGMENTED_EPOCHS = 90           # SimCLR app. B.5: 90 epochs
+AUGMENTED_BATCH = 256
+AUGMENTED_BASE_LR = 0.1         # SimCLR app. B.5: lr = 0.1 x batch / 256
+
+
+# --------------------------------------------------------------------------- features
+
+
+def eval_mesh():
+    """A ``'data'`` mesh over this process's devices (evaluation needs no other host)."""
+    return parallel.make_mesh(jax.local_devices())
+
+
+def eval_batch_size(requested: int, num_devices: int) -> int:
+    """The largest multiple of the device count not above ``requested``."""
+    return max(num_devices, requested // num_devices * num_devices)
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """Frozen features of both splits: x float32 [N, F], y int32 [N]."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+
+    def summary(self) -> dict:
+        return {"num_train": int(len(self.train_y)), "num_test": int(len(self.test_y)),
+                "num_classes": int(self.num_classes), "feature_dim": int(self.train_x.shape[1])}
+
+
+def subsample(x: np.ndarray, y: np.ndarray, max_examples: int):
+    """At most ``max_examples`` rows, a fixed random subset (seed 0); 0 keeps all."""
+    if not max_examples or len(y) <= max_examples:
+        return x, y
+    keep = np.random.default_rng(0).permutation(len(y))[:max_examples]
+    return x[keep], y[keep]
+
+
+def source_features(encode_fn, source, batch_size: int, mesh, progress: bool = False):
+    """(features, labels) of every example of ``source``, sharded over ``mesh``."""
+    batch = eval_batch_size(batch_size, mesh.size)
+    return extract_features(encode_fn, pipeline.eval_batches(source, batch), mesh=mesh, progress=progress)
+
+
+def split_features(encode_fn, config, mesh, *, splits=None, progress: bool = False) -> FeatureSet:
+    """Features of ``config.dataset``'s train and test splits (train capped at ``eval.max_train_examples``)."""
+    train_source, test_source = splits or load_splits(config)
+    train_x, train_y = source_features(encode_fn, train_source, config.eval.batch_size, mesh, progress)
+    test_x, test_y = source_features(encode_fn, test_source, config.eval.batch_size, mesh, progress)
+    train_x, train_y = subsample(train_x, train_y, config.eval.max_train_examples)
+    return FeatureSet(train_x, train_y, test_x, test_y, int(train_source.num_classes))
+
+
+def encoder_features(encoder: FrozenEncoder, mesh=None, *, splits=None, progress: bool = False) -> FeatureSet:
+    """:func:`split_features` of a restored encoder, its variables replicated over ``mesh``."""
+    mesh = mesh or eval_mesh()
+    variables = parallel.replicate(encoder.variables, mesh)
+    return split_features(encoder.encode_fn(variables), encoder.config, mesh, splits=splits, progress=progress)
+
+
+# --------------------------------------------------------------------------- protocols on features
+
+
+def linear_features_result(fs: FeatureSet) -> dict:
+    """The ``features`` protocol: test top-1/top-5 and the selected l2."""
+    probe = linear_probe_features(fs.train_x, fs.train_y, fs.test_x, fs.test_y, num_classes=fs.num_classes)
+    return {"top1": float(probe["top1"]), "top5": float(probe["top5"]), "l2": float(probe["l2"]),
+            "val_top1": float(probe["val_top1"])}
+
+
+def knn_result(fs: FeatureSet, ks: Sequence[int] = KNN_KS, temperature: float = KNN_TEMPERATURE) -> dict:
+    """``{str(k): {'top1', 'top5'}}`` of the weighted kNN."""
+    accs = knn_accuracy(fs.train_x, fs.train_y, fs.test_x, fs.test_y, num_classes=fs.num_classes,
+                        ks=tuple(ks), temperature=temperature)
+    return {str(k): {"top1": float(a["top1"]), "top5": float(a["top5"])} for k, a in accs.items()}
+
+
+def few_shot_result(fs: FeatureSet, shots: Sequence[int] = FEW_SHOTS, seeds: int = FEW_SHOT_SEEDS) -> dict:
+    """``{str(k): {'mean', 'std', 'per_seed', 'l2'}}``; a k larger than the smallest class is skipped (noted)."""
+    smallest = int(np.bincount(fs.train_y, minlength=fs.num_classes).min())
+    usable = [k for k in shots if k <= smallest]
+    result: Dict[str, Any] = {str(k): v for k, v in few_shot(
+        fs.train_x, fs.train_y, fs.test_x, fs.test_y, num_classes=fs.num_classes,
+        shots=usable, seeds=seeds).items()} if usable else {}
+    skipped = [k for k in shots if k > smallest]
+    if skipped:
+        result["skipped"] = f"k={skipped}: the smallest class has {smallest} training examples"
+    return result
+
+
+# --------------------------------------------------------------------------- the augmented protocol
+
+
+def crop_flip_config(aug_cfg: Mapping[str, Any]) -> dict:
+    """The training augmentation reduced to random-resized-crop + flip (SimCLR app. B.5)."""
+    return dict(aug_cfg, jitter_prob=0.0, gray_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
+
+
+def check_augmented_batch(batch_size: int, num_devices: int, num_train: int) -> None:
+    if batch_size <= 0 or batch_size % num_devices:
+        raise EvalInputError(f"--batch_size={batch_size} must be a positive multiple of the {num_devices} "
+                             f"local devices; use e.g. {num_devices * max(1, batch_size // num_devices)}.")
+    if batch_size > num_train:
+        raise EvalInputError(f"--batch_size={batch_size} exceeds the {num_train} training examples; "
+                             f"use at most {num_train // num_devices * num_devices}.")
+
+
+def augmented_linear_result(encoder: FrozenEncoder, mesh=None, *, epochs: int = AUGMENTED_EPOCHS,
+                            lr: Optional[float] = None, batch_size: int = AUGMENTED_BATCH,
+                            splits=None, progress: bool = False) -> dict:
+    """The ``augmented`` protocol; ``lr`` defaults to 0.1 x batch_size / 256 (SimCLR app. B.5).
+
+    Epoch ``e`` visits the training split in the order of
+    :func:`clrjax.data.pipeline.epoch_permutation` (seed ``config.seed``),
+    dropping the remainder; example keys fold in the global example counter
+    and the epoch, so the result does not depend on the device count.
+    """
+    mesh = mesh or eval_mesh()
+    config = encoder.config
+    train_source, test_source = splits or load_splits(config)
+    check_augmented_batch(batch_size, mesh.size, len(train_source))
+    if epochs <= 0:
+        raise EvalInputError(f"--epochs={epochs} must be positive.")
+    lr = AUGMENTED_BASE_LR * batch_size / 256 if lr is None else float(lr)
+    if not lr > 0:
+        raise EvalInputError(f"--lr={lr} must be positive.")
+    loader = pipeline.TrainLoader(train_source, batch_size, int(config.seed), prefetch=0)
+    steps_per_epoch = loader.steps_per_epoch
+
+    def train_batches(epoch):
+        return (loader.batch_at(epoch * steps_per_epoch + t) for t in range(steps_per_epoch))
+
+    aug_cfg = config.augment.to_dict()
+    train_aug = crop_flip_config(aug_cfg)
+    variables = parallel.replicate(encoder.variables, mesh)
+    probe = linear_probe_augmented(
+        encoder.float_encode_fn(variables), train_batches,
+        pipeline.eval_batches(test_source, eval_batch_size(config.eval.batch_size, mesh.size)),
+        num_classes=int(train_source.num_classes), epochs=int(epochs), lr=lr,
+        augment_fn=lambda images, index, key: augment.augment_batch(images, index, key, train_aug, 0),
+        test_preprocess_fn=lambda images: augment.preprocess_eval(images, aug_cfg),
+        seed=int(config.seed), mesh=mesh, steps_per_epoch=steps_per_epoch, progress=progress)
+    loader.close()
+    return {"top1": float(probe["top1"]), "top5": float(probe["top5"]),
+            "train_loss": float(probe["train_loss"]), "epochs": int(epochs), "lr": lr,
+            "batch_size": int(batch_size), "steps_per_epoch": int(steps_per_epoch)}
+
+
+# --------------------------------------------------------------------------- programs
+
+
+def provenance(encoder: FrozenEncoder) -> dict:
+    """What was evaluated, on what: stored with every result."""
+    ds = encoder.config.dataset
+    return {"origin": encoder.origin, "path": encoder.path, "step": encoder.step,
+            "model": encoder.model_cfg, "dataset": ds.name, "train_split": ds.train_split,
+            "test_split": ds.test_split, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def run_linear_eval(encoder: FrozenEncoder, *, protocol: str = "features", few_shot_eval: bool = False,
+                    epochs: int = AUGMENTED_EPOCHS, lr: Optional[float] = None,
+                    batch_size: int = AUGMENTED_BATCH, shots: Sequence[int] = FEW_SHOTS,
+                    seeds: int = FEW_SHOT_SEEDS, mesh=None, progress: bool = False) -> dict:
+    """``{protocol: {...}, 'few_shot': {...}?}``, each entry with :func:`provenance`."""
+    if protocol not in PROTOCOLS:
+        raise EvalInputError(f"--protocol={protocol!r} is unknown; use one of {', '.join(PROTOCOLS)}.")
+    mesh = mesh or eval_mesh()
+    splits = load_splits(encoder.config)
+    info = provenance(encoder)
+    results: Dict[str, Any] = {}
+    fs = None
+    if protocol == "features" or few_shot_eval:
+        fs = encoder_features(encoder, mesh, splits=splits, progress=progress)
+        info = dict(info, **fs.summary())
+    if protocol == "features":
+        results["features"] = dict(linear_features_result(fs), **info)
+    else:
+        results["augmented"] = dict(augmented_linear_result(
+            encoder, mesh, epochs=epochs, lr=lr, batch_size=batch_size, splits=splits, progress=progress), **info)
+    if few_shot_eval:
+        results["few_shot"] = dict(few_shot_result(fs, shots, seeds), seeds=int(seeds), **info)
+    return results
+
+
+def run_knn_eval(encoder: FrozenEncoder, *, ks: Sequence[int] = KNN_KS, temperature: float = KNN_TEMPERATURE,
+                 mesh=None, progress: bool = False) -> dict:
+    """``{'knn': {str(k): {'top1', 'top5'}}, 'temperature': T, ...provenance}``."""
+    if not ks or any(int(k) < 1 for k in ks):
+        raise EvalInputError(f"--ks={list(ks)} must list positive integers, e.g. 20,200.")
+    if not temperature > 0:
+        raise EvalInputError(f"--temperature={temperature} must be positive (Wu et al. 2018 use 0.07).")
+    fs = encoder_features(encoder, mesh, progress=progress)
+    return dict(knn=knn_result(fs, ks, temperature), temperature=float(temperature),
+                **provenance(encoder), **fs.summary())
+
+
+def write_result(out_dir: str, filename: str, entries: Mapping[str, Any]) -> str:
+    """Merges ``entries`` into ``out_dir/filename`` atomically, keeping other protocols' entries; returns the path."""
+    path = os.path.join(out_dir, filename)
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(entries)
+    if parallel.is_main_process():
+        os.makedirs(out_dir, exist_ok=True)
+        metrics_lib._atomic_write_json(path, merged)  # the lead may rename it public (see report)
+    return path
+
+
+def format_linear_line(results: Mapping[str, Any], path: str) -> str:
+    """One console line: protocol top-1/top-5, few-shot means, what was evaluated, where it went."""
+    parts = []
+    for protocol in PROTOCOLS:
+        if protocol in results:
+            r = results[protocol]
+            parts.append(f"linear ({protocol}) top-1 {r['top1']:.4f} top-5 {r['top5']:.4f}")
+    if "few_shot" in results:
+        shots = [f"{k}: {v['mean']:.4f}±{v['std']:.4f}" for k, v in results["few_shot"].items()
+                 if isinstance(v, dict) and "mean" in v]
+        parts.append("few-shot " + ", ".join(shots))
+    first = next(iter(results.values()))
+    return f"{' | '.join(parts)} | {_what(first)} -> {path}"
+
+
+def format_knn_line(result: Mapping[str, Any], path: str) -> str:
+    accs = ", ".join(f"k={k} top-1 {v['top1']:.4f}" for k, v in result["knn"].items())
+    return f"kNN (T={result['temperature']:g}) {accs} | {_what(result)} -> {path}"
+
+
+def _what(info: Mapping[str, Any]) -> str:
+    step = f" step {info['step']}" if info.get("step") is not None else ""
+    return f"{info['origin']} {info['path']}{step}, {info['dataset']} {info['test_split']}"
+
+
+# --------------------------------------------------------------------------- end of training
 
 
 def make_encode_fn(model, variables: Mapping[str, Any], aug_cfg: Mapping[str, Any]):
-    """``uint8 images -> features``: eval preprocessing + encoder in inference mode."""
+    """``uint8 images -> features`` of an SSLModel: eval preprocessing + encoder in inference mode."""
     def encode(images):
         x = augment.preprocess_eval(images, aug_cfg)
         return model.apply(variables, x, train=False, method=model.encode)
     return encode
 
 
-def split_features(encode_fn, config, split: str, mesh, max_examples: int = 0):
-    """(features, labels) of a whole split, extracted data-parallel over ``mesh``."""
-    source = sources.load_source(config.dataset.to_dict(), split)
-    batch = _eval_batch_size(config.eval.batch_size, mesh.size)
-    feats, labels = extract_features(encode_fn, pipeline.eval_batches(source, batch), mesh=mesh,
-                                     progress=False)
-    if max_examples and len(labels) > max_examples:
-        keep = np.random.default_rng(0).permutation(len(labels))[:max_examples]
-        feats, labels = feats[keep], labels[keep]
-    return feats, labels, source.num_classes
-
-
-def _eval_batch_size(requested: int, num_devices: int) -> int:
-    """The largest multiple of the device count not above ``requested``."""
-    return max(num_devices, requested // num_devices * num_devices)
-
-
 def evaluate_encoder(model, variables, config, mesh) -> dict:
-    """Linear probe (top-1/top-5) and kNN accuracies of a frozen encoder."""
-    encode = make_encode_fn(model, variables, config.augment.to_dict())
-    train_x, train_y, num_classes = split_features(encode, config, config.dataset.train_split, mesh,
-                                                   config.eval.max_train_examples)
-    test_x, test_y, _ = split_features(encode, config, config.dataset.test_split, mesh)
-    linear = linear_probe_features(train_x, train_y, test_x, test_y, num_classes=num_classes)
-    knn = knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                       ks=tuple(config.eval.knn_k), temperature=config.eval.knn_temperature)
-    result = {"linear_top1": float(linear["top1"]), "linear_top5": float(linear["top5"]),
-              "linear_l2": float(linear["l2"])}
+    """``features`` linear probe (top-1/top-5) and kNN (``config.eval.knn_k``) of an SSLModel's encoder."""
+    encode = make_encode_fn(model, parallel.replicate(variables, mesh), config.augment.to_dict())
+    fs = split_features(encode, config, mesh)
+    linear = linear_features_result(fs)
+    knn = knn_result(fs, tuple(config.eval.knn_k), config.eval.knn_temperature)
+    result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "linear_l2": linear["l2"]}
     for k, acc in knn.items():
-        result[f"knn{k}_top1"] = float(acc["top1"])
+        result[f"knn{k}_top1"] = acc["top1"]
     return result
 
 
@@ -82,7 +328,7 @@ def evaluate_run(result, include_random_init: bool = True) -> dict:
     from clrjax import train  # local: train imports this package's siblings
 
     exp = result.exp
-    local_mesh = parallel.make_mesh(jax.local_devices())
+    local_mesh = eval_mesh()
     report = {"pretrained": evaluate_encoder(exp.model, variables_of(result.state), exp.config, local_mesh)}
     if include_random_init:
         initial = train.init_train_state(exp)

@@ -1,0 +1,59 @@
+r"""Linear evaluation of a frozen encoder: a pretraining run's checkpoint or an export.
+
+COMMAND:
+  python experiments/linear_eval.py --workdir=runs/simclr_digits                       # features protocol
+  python experiments/linear_eval.py --workdir=runs/simclr_digits --few_shot            # + 1/5/10/25-shot
+  python experiments/linear_eval.py --workdir=runs/simclr_digits --protocol=augmented --epochs=90
+  python experiments/linear_eval.py --encoder=runs/simclr_digits/export --config=configs/simclr.py:digits
+
+Protocols (clrjax/evaluation/run_eval.py; docs/EVALUATION.md):
+  features   CLIP app. A.3: logistic regression on frozen features, l2 chosen on a held-out 20%.
+  augmented  SimCLR app. B.5: linear head on random-resized-crop + flip views, SGD Nesterov 0.9,
+             cosine lr (default 0.1 x batch / 256), no weight decay, centre-crop test.
+  --few_shot k = 1, 5, 10, 25 examples per class, 5 draws, mean ± std (features protocol).
+Reports top-1 and top-5 on config.dataset.test_split; merges the result into linear_eval.json
+in the run directory (or the export directory, or --out) and prints one line.
+Exit status: 0 done; 3 bad input (the message says what to fix).
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/<method>.py:<preset>); default: the run's config.json.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory (uses its latest checkpoint).")
+_ENCODER = flags.DEFINE_string("encoder", None, "Export directory written by experiments/export.py (needs --config).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+_OUT = flags.DEFINE_string("out", None, "Directory for linear_eval.json (default: the run or export directory).")
+_PROTOCOL = flags.DEFINE_enum("protocol", "features", ["features", "augmented"], "Linear evaluation protocol.")
+_FEW_SHOT = flags.DEFINE_bool("few_shot", False, "Also run 1/5/10/25-shot linear probes (5 draws each).")
+_EPOCHS = flags.DEFINE_integer("epochs", 90, "augmented: training epochs (SimCLR app. B.5: 90).")
+_LR = flags.DEFINE_float("lr", None, "augmented: base learning rate (default 0.1 x batch_size / 256).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "augmented: batch size (a multiple of the local devices).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress line on stderr.")
+
+EXIT_BAD_INPUT = 3
+
+
+def main(argv):
+    del argv
+    from clrjax.evaluation import restore, run_eval
+
+    try:
+        encoder = restore.from_flags(_WORKDIR.value, _ENCODER.value, _CONFIG.value, _STEP.value)
+        results = run_eval.run_linear_eval(
+            encoder, protocol=_PROTOCOL.value, few_shot_eval=_FEW_SHOT.value, epochs=_EPOCHS.value,
+            lr=_LR.value, batch_size=_BATCH.value, progress=_PROGRESS.value)
+    except restore.EvalInputError as err:
+        print(f"linear_eval: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    command = " ".join(sys.argv)
+    results = {k: dict(v, command=command) for k, v in results.items()}
+    path = run_eval.write_result(restore.output_dir(encoder, _OUT.value), run_eval.LINEAR_EVAL_FILE, results)
+    print(run_eval.format_linear_line(results, path), flush=True)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)

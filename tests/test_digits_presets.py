@@ -1,0 +1,23 @@
+"""Each method's digits preset beats its random-init encoder (slow: ~1-2 min per method).
+
+Run with `pytest -m slow tests/test_digits_presets.py`. The default suite covers
+the same code paths in miniature (tests/test_train.py, tests/test_cli.py); this
+test pins the accuracy claim the README makes.
+"""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import digits_presets  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", digits_presets.METHODS)
+def test_digits_preset_beats_random_init(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    report = digits_presets.run_method(method, str(tmp_path))
+    assert report["pretrained"]["linear_top1"] > report["random_init"]["linear_top1"]
