@@ -17,6 +17,8 @@ mkdir -p "$OUT"
 # The latency-hiding scheduler matters once several GPUs exchange gradients; on one GPU it is harmless.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# newer JAX reads XLA_CLIENT_MEM_FRACTION (the old name is deprecated there): set both
+export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-$XLA_PYTHON_CLIENT_MEM_FRACTION}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
 

@@ -135,7 +135,7 @@ def synthetic_config(config, num_examples: Optional[int] = None):
 def _first_batch(exp, config):
     loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
     try:
-        return parallel.host_to_global(train._model_batch(next(loader)), exp.mesh)
+        return parallel.host_to_global(train.model_batch(next(loader)), exp.mesh)
     finally:
         loader.close()
 
@@ -214,7 +214,7 @@ def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> d
     loader = pipeline.TrainLoader(exp.train_source, b, config.seed, prefetch=2)
 
     def load_and_augment():
-        return views(parallel.host_to_global(train._model_batch(next(loader)), exp.mesh))
+        return views(parallel.host_to_global(train.model_batch(next(loader)), exp.mesh))
 
     try:
         both_times = time_calls(load_and_augment, steps, warmup)
@@ -227,12 +227,13 @@ def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> d
 
 def benchmark_losses(methods: Sequence[str], batch_sizes: Iterable[int], dims: Iterable[int], *,
                      mesh=None, steps: int = 5, warmup: int = 1, loss_overrides: Optional[dict] = None,
-                     impls: Sequence[str] = ("auto",)) -> list:
+                     impls: Sequence[str] = ("auto",), on_row: Optional[Callable[[dict], None]] = None) -> list:
     """Forward+backward time and compiled temporary memory of each loss per (N, d).
 
     ``impls`` sweeps ``impl`` ('auto'|'replicated'|'column_split') for the losses
     that take it (Barlow Twins, VICReg, TiCo); SimCLR has no ``impl`` and runs once.
     A row that fails (e.g. out of device memory at large N, d) records the error.
+    ``on_row`` is called with each row as soon as it is measured (progress printing).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     batch_sizes, dims = list(batch_sizes), list(dims)
@@ -246,11 +247,14 @@ def benchmark_losses(methods: Sequence[str], batch_sizes: Iterable[int], dims: I
             for n in batch_sizes:
                 for d in dims:
                     try:
-                        rows.append(_loss_row(method, kwargs, n, d, mesh, steps, warmup))
+                        row = _loss_row(method, kwargs, n, d, mesh, steps, warmup)
                     except Exception as err:  # noqa: BLE001 - record and go on (OOM at large N, d)
-                        rows.append({"method": method.name, "N": n, "d": d, "devices": mesh.size,
-                                     "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
-                                     **{f"loss.{k}": v for k, v in kwargs.items()}})
+                        row = {"method": method.name, "N": n, "d": d, "devices": mesh.size,
+                               "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                               **{f"loss.{k}": v for k, v in kwargs.items()}}
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
     return rows
 
 

@@ -376,7 +376,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
     t_last, steps_since_log = time.perf_counter(), 0
     try:
         for step in range(start, end):
-            batch = parallel.host_to_global(_model_batch(next(loader)), exp.mesh)
+            batch = parallel.host_to_global(model_batch(next(loader)), exp.mesh)
             state, step_metrics = step_fn(state, batch)
             previous, pending = pending, (step + 1, step_metrics, state.skips)
             _check_finite(previous, policy, max_skips, checkpointer)
@@ -432,7 +432,7 @@ def _agreed_stop(should_stop, step: int, every: int) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(should_stop())))).any())
 
 
-def _model_batch(batch: dict) -> dict:
+def model_batch(batch: dict) -> dict:
     return {"image": batch["image"], "label": batch["label"], "index": batch["index"]}
 
 

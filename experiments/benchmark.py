@@ -86,6 +86,16 @@ def _input_row(config, step_rows):
     return inp
 
 
+def _print_loss_row(r):
+    label = r["method"] + (f"/{r['loss.impl']}" if "loss.impl" in r else "")
+    if "error" in r:
+        print(f"loss {label:<26} N {r['N']:>6} d {r['d']:>5} | failed: {r['error']}", flush=True)
+        return
+    print(f"loss {label:<26} N {r['N']:>6} d {r['d']:>5} | fwd+bwd {r['median_s'] * 1e3:9.2f} ms | "
+          f"{r['flops_per_device'] / 1e9:9.3f} GFLOP/dev | temp {_fmt_bytes(r['temp_bytes_per_device'])}/dev",
+          flush=True)
+
+
 def main(argv):
     del argv
     from clrjax import benchmarking
@@ -103,18 +113,9 @@ def main(argv):
         if "input_to_step_ratio" in results["input"]:
             results["input_to_step_ratio"] = results["input"]["input_to_step_ratio"]
     if "loss" in _MODE.value:
-        rows = benchmarking.benchmark_losses(_LOSS_METHODS.value, [int(n) for n in _LOSS_BATCH.value],
-                                             [int(d) for d in _LOSS_DIMS.value], steps=_STEPS.value,
-                                             warmup=_WARMUP.value, impls=_LOSS_IMPL.value)
-        results["loss"] = rows
-        for r in rows:
-            label = r["method"] + (f"/{r['loss.impl']}" if "loss.impl" in r else "")
-            if "error" in r:
-                print(f"loss {label:<26} N {r['N']:>6} d {r['d']:>5} | failed: {r['error']}", flush=True)
-                continue
-            print(f"loss {label:<26} N {r['N']:>6} d {r['d']:>5} | fwd+bwd {r['median_s'] * 1e3:9.2f} ms | "
-                  f"{r['flops_per_device'] / 1e9:9.3f} GFLOP/dev | temp {_fmt_bytes(r['temp_bytes_per_device'])}/dev",
-                  flush=True)
+        results["loss"] = benchmarking.benchmark_losses(
+            _LOSS_METHODS.value, [int(n) for n in _LOSS_BATCH.value], [int(d) for d in _LOSS_DIMS.value],
+            steps=_STEPS.value, warmup=_WARMUP.value, impls=_LOSS_IMPL.value, on_row=_print_loss_row)
     with open(_JSON_OUT.value, "w") as f:
         json.dump(results, f, indent=2, default=str)
     print(f"wrote {_JSON_OUT.value}")

@@ -44,10 +44,13 @@ from clrjax.data import sources
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CLI = os.path.join(ROOT, "experiments", "train.py")
 DIGITS = os.path.join(ROOT, "configs", "simclr.py") + ":digits"
+# tests/test_train.py's tiny config with num_steps=2: the same step program, so the shared
+# compilation cache serves whichever of the two files compiles it second.
 TINY = {
     "model.widths": (8, 16, 16, 16), "projector.hidden_dims": (32,), "projector.out_dim": 16,
     "batch_size": 32, "num_steps": 2, "log_every_steps": 1, "checkpoint.every_steps": 1,
-    "checkpoint.async_save": False, "eval.final": False, "optimizer.warmup_epochs": 0.0,
+    "checkpoint.async_save": False, "eval.final": False,
+    "optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.warmup_epochs": 0.0,
 }
 
 # Fixes the checks wait for (numbers as in docs/BAD_INPUT.md and the Reliability report).

@@ -37,7 +37,7 @@ def run_steps(config, num_devices, steps):
     loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
     losses = []
     for _ in range(steps):
-        batch = parallel.host_to_global(train._model_batch(next(loader)), mesh)
+        batch = parallel.host_to_global(train.model_batch(next(loader)), mesh)
         state, m = step_fn(state, batch)
         losses.append(float(m["loss"]))
     loader.close()
@@ -118,7 +118,7 @@ def test_nonfinite_skip_policy_keeps_state_finite():
     before = jax.device_get(state.params)
     step_fn = train.make_train_step(exp)
     loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
-    batch = train._model_batch(next(loader))
+    batch = train.model_batch(next(loader))
     loader.close()
     # A NaN pixel can't come from uint8 data, so poison the parameters' gradient path instead:
     poisoned = state.replace(params=jax.tree.map(lambda x: x, state.params))
