@@ -45,7 +45,7 @@ def _to_jsonable(obj: Any) -> Any:
     return obj  # json.dumps raises a TypeError naming the type if it cannot encode it
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
+def write_json_file(path: str, obj: Any) -> None:
     """Writes `obj` as JSON to `path` so readers see the old file or the new, never half."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -142,7 +142,7 @@ class MetricWriter:
         if not os.path.splitext(name)[1]:
             name += ".json"
         path = os.path.join(self.workdir, name)
-        _atomic_write_json(path, obj)
+        write_json_file(path, obj)
         return path
 
     def close(self) -> None:
@@ -194,7 +194,7 @@ def write_config_json(workdir: str, config: Any) -> str:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     path = os.path.join(workdir, CONFIG_FILENAME)
-    _atomic_write_json(path, config)
+    write_json_file(path, config)
     return path
 
 

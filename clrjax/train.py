@@ -327,8 +327,10 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     for leftover in checkpointer.leftovers:
         logging.warning("Ignoring incomplete checkpoint %s (an interrupted save).", leftover)
     latest = checkpointer.latest_step()
+    elapsed_before = 0.0
     if latest is not None:
-        state, _ = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+        state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+        elapsed_before = float(meta.get("elapsed_s", 0.0))
         _announce(main, f"Resumed from step {latest} in {checkpointer.directory}")
     if main:
         metrics_lib.write_config_json(workdir, config)
@@ -340,7 +342,7 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
         return RunResult(state, exp, _last_logged(workdir), 0)
 
     end = exp.total_steps if stop_after_steps is None else min(exp.total_steps, start + stop_after_steps)
-    result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
+    result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop, elapsed_before)
     checkpointer.close()
     if main and result.state is not None and int(result.state.step) >= exp.total_steps:
         metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
@@ -360,8 +362,15 @@ def _last_logged(workdir: str) -> dict:
     return rows[-1] if rows else {}
 
 
-def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop) -> RunResult:
+def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
+               elapsed_before: float = 0.0) -> RunResult:
+    """Steps ``start..end``; ``elapsed_before`` is the training time of earlier invocations."""
     config = exp.config
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
     step_fn = make_train_step(exp)
     loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
@@ -384,9 +393,10 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
             done = step + 1
             if done % config.log_every_steps == 0 or done == end:
                 scalars = _host_scalars(step_metrics)
-                elapsed = time.perf_counter() - t_last
-                scalars["images_per_sec"] = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+                interval = time.perf_counter() - t_last
+                scalars["images_per_sec"] = steps_since_log * config.batch_size / max(interval, 1e-9)
                 scalars["epoch"] = done / exp.steps_per_epoch
+                scalars["elapsed_s"] = elapsed()  # cumulative over resumes (kept in checkpoint meta)
                 writer.write_scalars(done, scalars)
                 if progress is not None:
                     progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)
@@ -403,7 +413,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop)
             if checkpointer.should_save(done) or done == end or stopped_early:
                 _check_finite(pending, policy, max_skips, checkpointer)
                 pending = None  # checked: never save a state whose step is unverified
-                checkpointer.save(done, state, _meta(loader, done), force=True)
+                checkpointer.save(done, state, _meta(loader, done, elapsed()), force=True)
             if stopped_early:
                 break
         _check_finite(pending, policy, max_skips, checkpointer)
@@ -436,8 +446,8 @@ def model_batch(batch: dict) -> dict:
     return {"image": batch["image"], "label": batch["label"], "index": batch["index"]}
 
 
-def _meta(loader, step: int) -> dict:
-    return {"step": step, "data": loader.state()}
+def _meta(loader, step: int, elapsed_s: float) -> dict:
+    return {"step": step, "data": loader.state(), "elapsed_s": elapsed_s}
 
 
 def _check_finite(pending, policy: str, max_skips: int, checkpointer) -> None:

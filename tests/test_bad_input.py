@@ -23,6 +23,7 @@ import functools
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -466,7 +467,8 @@ def markdown_table(runner: Runner) -> str:
         status = outcome.kind + (" (saved files changed!)" if lost else "")
         if case.fix:
             status += f" — wants {case.kind}, needs {case.fix.split(':')[0]}"
-        message = outcome.message.replace("|", "\\|").replace("\n", " ")
+        message = re.sub(re.escape(runner.root) + r"/[\w.-]+", "<tmp>", outcome.message)  # scratch dirs
+        message = message.replace("|", "\\|").replace("\n", " ")
         rows.append(f"| {i} | {case.case} | `{case.given}` | {status} | {message} | "
                     f"`tests/test_bad_input.py::*[{case.name}]` |")
     return "\n".join(rows)

@@ -260,7 +260,7 @@ def write_result(out_dir: str, filename: str, entries: Mapping[str, Any]) -> str
     merged.update(entries)
     if parallel.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
-        metrics_lib._atomic_write_json(path, merged)  # the lead may rename it public (see report)
+        metrics_lib.write_json_file(path, merged)
     return path
 
 
