@@ -27,6 +27,19 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; training stops rather than run unsaved."""
 
 
+class CheckpointMismatchError(ValueError):
+    """The saved state's structure or shapes differ from the state this run builds."""
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaf_shapes(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_name(p): tuple(x.shape) for p, x in leaves}
+
+
 class Checkpointer:
     """Saves every ``every_steps`` steps (and when forced), keeps ``keep``."""
 
@@ -75,12 +88,30 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
         """Restores ``step`` onto the shardings held by ``abstract_state``'s leaves."""
+        self._check_fits(step, abstract_state)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                     meta=ocp.args.JsonRestore()),
         )
         return restored["state"], dict(restored["meta"])
+
+    def _saved_tree(self, step: int):
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        return getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+
+    def _check_fits(self, step: int, abstract_state) -> None:
+        """Names the leaves whose presence or shape differ, before Orbax fails obscurely."""
+        saved, wanted = _leaf_shapes(self._saved_tree(step)), _leaf_shapes(abstract_state)
+        problems = [f"{k}: absent from the checkpoint" if k not in saved else
+                    f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} now"
+                    for k in wanted if saved.get(k) != wanted[k]]
+        problems += [f"{k}: in the checkpoint but not in this run" for k in saved if k not in wanted]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CheckpointMismatchError(
+                f"the checkpoint of step {step} in {self.directory} does not fit this run's train state "
+                f"({'; '.join(problems[:3])}{more})")
 
     def restore_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -93,13 +124,11 @@ class Checkpointer:
         from ours, so the target is built from the checkpoint's own metadata
         and placed on one local device.
         """
-        path = os.path.join(self.directory, str(step), "state")
-        checkpointer = ocp.StandardCheckpointer()
-        metadata = checkpointer.metadata(path)
-        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-        return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              self._saved_tree(step))
+        path = os.path.join(self.directory, str(step), "state")
+        return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path, target))
 
     def wait(self) -> None:
         """Blocks until any background save has finished (and raises its error, if any)."""

@@ -241,11 +241,35 @@ def _check_model(config) -> None:
         models.build_encoder(config.model)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.model is invalid: {err}") from None
+    try:
+        models.check_input_size(config.model.to_dict(), config.augment.crop_size)
+    except ValueError as err:
+        raise ConfigError(f"config.augment.crop_size is {config.augment.crop_size}: {err}") from None
 
 
 def loss_kwargs(config) -> dict:
     """The method's loss keyword arguments from ``config.loss`` as plain Python values."""
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.loss.to_dict().items()}
+
+
+def fill_loss_defaults(config) -> None:
+    """Adds every keyword of the method's loss, at its default, to ``config.loss``.
+
+    A config then lists the whole loss API, and each keyword can be overridden
+    from the command line (``--config.loss.chunk_size=4096``), which
+    ml_collections only allows for fields that exist.
+    """
+    import inspect
+
+    from clrjax import losses
+
+    params = inspect.signature(losses.get_method(config.method).loss_fn).parameters
+    for name in losses.loss_kwarg_names(config.method):
+        if name not in config.loss:
+            default = params[name].default
+            # A bare None field cannot be overridden from the command line; a typed
+            # placeholder can (the only None default, SimCLR's chunk_size, is an int).
+            config.loss[name] = ml_collections.config_dict.placeholder(int) if default is None else default
 
 
 # --------------------------------------------------------------------------- loading

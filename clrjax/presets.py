@@ -24,7 +24,13 @@ def parse_preset(arg: str | None, default: str = "digits") -> str:
 
 
 def apply_dataset_preset(c, preset: str) -> None:
-    """Fills dataset, augment and model fields of config ``c`` for ``preset``."""
+    """Fills dataset, augment and model fields of config ``c`` for ``preset``.
+
+    Also lists every keyword of ``c.method``'s loss in ``c.loss`` at its default.
+    """
+    from clrjax import config as config_lib  # local: clrjax.config imports nothing from here
+
+    config_lib.fill_loss_defaults(c)
     {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10,
      "cifar100": _cifar100, "imagenet": _imagenet}[preset](c)
 

@@ -109,7 +109,6 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
     config_lib.validate_config(config, num_devices=mesh.size, num_processes=num_processes)
     train_source = sources.load_source(config.dataset.to_dict(), config.dataset.train_split)
     image_shape = tuple(train_source.image_shape)
-    models.check_input_size(config.model.to_dict(), config.augment.crop_size)
     _check_channels(config, image_shape)
     steps_per_epoch, total_steps = total_training_steps(config, len(train_source))
     model = models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(),
@@ -124,10 +123,11 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
 def _check_channels(config, image_shape) -> None:
     channels = image_shape[-1]
     for field in ("mean", "std"):
-        if len(config.augment[field]) < channels:
+        n = len(config.augment[field])
+        if not (n == channels or n == 1 or (channels == 1 and n > 0)):
             raise config_lib.ConfigError(
-                f"config.augment.{field} has {len(config.augment[field])} values but the images have "
-                f"{channels} channels; give one value per channel.")
+                f"config.augment.{field} has {n} values but the images have {channels} channels; "
+                "give one value per channel, or one value for all.")
 
 
 def model_input_shape(exp: Experiment) -> tuple:
@@ -266,6 +266,11 @@ def check_resume_config(workdir: str, config, allow_change: bool) -> None:
     with open(path) as f:
         saved = json.load(f)
     diffs = config_differences(saved, config.to_dict())
+    if saved.get("method") != config.method:
+        raise config_lib.ConfigError(
+            f"the workdir {workdir} holds a {saved.get('method')} run and this config trains "
+            f"{config.method}; a method change cannot resume (even with --allow_config_change): "
+            "use a new --workdir.")
     if diffs and not allow_change:
         raise config_lib.ConfigError(
             f"the workdir {workdir} holds a run with a different config ({'; '.join(diffs)}); "
@@ -329,7 +334,13 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     latest = checkpointer.latest_step()
     elapsed_before = 0.0
     if latest is not None:
-        state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+        try:
+            state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
+        except ckpt_lib.CheckpointMismatchError as err:
+            checkpointer.close()
+            raise config_lib.ConfigError(
+                f"{err}; it was written with a different method/model/projector/optimizer "
+                "(see config.json): use a new --workdir.") from None
         elapsed_before = float(meta.get("elapsed_s", 0.0))
         _announce(main, f"Resumed from step {latest} in {checkpointer.directory}")
     if main:

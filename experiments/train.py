@@ -5,7 +5,7 @@ COMMAND:
       [--config.optimizer.lr=3e-3] [--allow_config_change]
 Multi-process (see launch/): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 
-Exit status: 0 finished; 1 error; 3 config error; 4 non-finite values; 5 checkpoint write failed;
+Exit status: 0 finished; 1 error; 3 config or data error; 4 non-finite values; 5 checkpoint write failed;
 75 (EX_TEMPFAIL) stopped by SIGTERM/preemption after saving: re-run to resume.
 """
 import os
@@ -30,6 +30,31 @@ EXIT_CONFIG_ERROR = 3
 EXIT_NONFINITE = 4
 EXIT_CHECKPOINT_WRITE = 5
 EXIT_PREEMPTED = 75
+
+
+def _flag_error_text(err: Exception) -> str:
+    """One line from an absl/ml_collections flag error, which may embed a traceback or a repr."""
+    if isinstance(err, (KeyError, AttributeError)):  # an override names a field the config lacks
+        text = str(err.args[0] if err.args else err).replace("\\'", "'").replace("\\n", "\n").strip("'\" ")
+        first, _, rest = text.partition("\n")
+        return f"unknown config field '{first.strip(chr(39))}'. {rest.strip()}".strip()
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if len(lines) > 1 and any(ln.startswith("Traceback") for ln in lines):  # the config file raised
+        return f"{lines[0].split(': ')[0]}: {lines[-1]}"
+    return " ".join(lines)
+
+
+def _parse_flags(argv):
+    """absl flag parsing whose config errors end in one line and exit 3, not a traceback."""
+    try:
+        remaining = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.keys()  # ml_collections defers config-file load errors to first use
+        return remaining
+    except Exception as err:  # flags.Error; ml_collections' AttributeError, KeyError, TypeError, OSError
+        print(f"config error: {_flag_error_text(err)} (check --config=FILE:PRESET and the --config.<field> "
+              "names and values; every field is listed in clrjax/config.py base_config)", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
 
 
 class _StopFlag:
@@ -62,6 +87,7 @@ def main(argv):
                                     [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
     import jax
     from clrjax import checkpoint as ckpt_lib, config as config_lib, train
+    from clrjax.data import sources
     from clrjax.evaluation.run_eval import report_and_evaluate
 
     stop = _StopFlag()
@@ -72,6 +98,9 @@ def main(argv):
                              stop_after_steps=_STOP_AFTER.value, should_stop=stop)
     except config_lib.ConfigError as err:
         print(f"[process {pid}] config error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except sources.DataError as err:
+        print(f"[process {pid}] data error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     except train.NonFiniteError as err:
         print(f"[process {pid}] stopped: {err}", file=sys.stderr)
@@ -90,4 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -10,14 +10,11 @@ Each case runs the real entry point (``train.train``, ``load_config_file``,
   tiny run with checkpoints, is byte-for-byte unchanged; a fresh workdir
   stays without files.
 
-A case whose ``fix`` is set needs a change outside this file first (see
-docs/BAD_INPUT.md); the affected checks are strict xfails, so they fail
-loudly the moment the fix lands and the marker must go.
-
 docs/BAD_INPUT.md is generated from these runs, never typed by hand::
 
     .venv/bin/python tests/test_bad_input.py > docs/BAD_INPUT.md
 """
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -55,11 +52,6 @@ TINY = {
 }
 
 # Fixes the checks wait for (numbers as in docs/BAD_INPUT.md and the Reliability report).
-F1 = "F1: train.train must turn an Orbax restore mismatch into a ConfigError naming the leaves"
-F2 = "F2: a crop the encoder cannot take must be a ConfigError (config.validate_config)"
-F3 = "F3: train._check_channels must accept exactly what augment.normalize accepts"
-F4 = "F4: experiments/train.py must report flag-parsing errors in one line, exit 3"
-F5 = "F5: experiments/train.py must report sources.DataError in one line, exit 3"
 
 
 # --------------------------------------------------------------------------- the run context
@@ -227,8 +219,9 @@ def corrupt_tfds(ctx: Context, damage: Callable[[str], None]) -> None:
     """Builds the tiny TFDS dataset, applies ``damage`` to its shard file, opens it."""
     tfds, builder = _tiny_tfds_builder()
     data_dir = ctx.path("tfds")
-    builder(data_dir=data_dir, file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; keep stdout for the table
+        builder(data_dir=data_dir, file_format="array_record").download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     version_dir = os.path.join(data_dir, "clrjax_bad_input_tiny", "1.0.0")
     shard = next(os.path.join(version_dir, n) for n in os.listdir(version_dir) if ".array_record" in n)
     damage(shard)
@@ -253,8 +246,6 @@ class Case:
     run: Callable[[Context], None]     # must fail
     kind: str                          # expected Outcome.kind
     phrase: str                        # key phrase the message must hold
-    fix: str = ""                      # a needed change elsewhere (strict xfail until it lands)
-    fix_checks: tuple = ("outcome",)   # which checks wait for ``fix``
 
 
 CASES = [
@@ -314,13 +305,13 @@ CASES = [
          lambda c: train_on(c, c.fresh_workdir(), **{"dataset.name": "synthetic", "dataset.num_examples": 64,
                                                      "dataset.image_size": 8, "augment.std": (0.2,) * 3,
                                                      "augment.mean": (0.1, 0.2, 0.3, 0.4)}),
-         "ConfigError", "augment.mean has 4 values", fix=F3, fix_checks=("outcome", "kept")),
+         "ConfigError", "augment.mean has 4 values"),
     Case("vit_crop_not_multiple_of_patch", "image size the ViT cannot take", "model vit_tiny, augment.crop_size=30",
          lambda c: train_on(c, c.saved_run(), model={"name": "vit_tiny"}, **{"augment.crop_size": 30}),
-         "ConfigError", "'vit_tiny' needs an image size divisible by its patch size 16, got 30", fix=F2),
+         "ConfigError", "'vit_tiny' needs an image size divisible by its patch size 16, got 30"),
     Case("resnet50_stem_on_8x8", "image size the ResNet-50 stem cannot take", "model resnet50 on 8x8 digits",
          lambda c: train_on(c, c.saved_run(), model={"name": "resnet50"}),
-         "ConfigError", "'resnet50' downsamples by 32, so images of size 8 are too small", fix=F2),
+         "ConfigError", "'resnet50' downsamples by 32, so images of size 8 are too small"),
     # ---- files and directories
     Case("fashion_mnist_missing_dir", "missing dataset directory", "fashion_mnist, data_dir=/nonexistent",
          lambda c: train_on(c, c.saved_run(), **{"dataset.name": "fashion_mnist", "dataset.data_dir": "/nonexistent"}),
@@ -363,11 +354,14 @@ CASES = [
          "ConfigError", "is not writable (No such file or directory)"),
     Case("checkpoint_of_other_method", "checkpoint from another method", "SimCLR run resumed as TiCo, --allow_config_change",
          lambda c: train.train(tiny("tico"), c.saved_run(), allow_config_change=True),
-         "ConfigError", "does not fit this run's train state (method_state.cov: absent from the checkpoint)",
-         fix=F1, fix_checks=("message", "outcome")),
+         "ConfigError", "holds a simclr run and this config trains tico; a method change cannot resume"),
+    Case("checkpoint_of_same_shape_other_method", "same-structure state, other method",
+         "SimCLR run resumed as VICReg, --allow_config_change",
+         lambda c: train.train(tiny("vicreg"), c.saved_run(), allow_config_change=True),
+         "ConfigError", "holds a simclr run and this config trains vicreg; a method change cannot resume"),
     Case("checkpoint_of_other_shape", "checkpoint with other shapes", "projector.out_dim 16 -> 8, --allow_config_change",
          lambda c: train.train(tiny(**{"projector.out_dim": 8}), c.saved_run(), allow_config_change=True),
-         "ConfigError", "shape (32, 16) in the checkpoint, (32, 8) now", fix=F1, fix_checks=("message", "outcome")),
+         "ConfigError", "shape (32, 16) in the checkpoint, (32, 8) now"),
     # ---- config files
     Case("unknown_preset", "unknown preset", "configs/simclr.py:mnist",
          lambda c: config_lib.load_config_file(os.path.join(ROOT, "configs", "simclr.py") + ":mnist"),
@@ -378,16 +372,16 @@ CASES = [
     # ---- through the CLI (exit status and stderr as a user sees them)
     Case("cli_wrong_type", "wrong type on the command line", "--config.batch_size=abc",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.batch_size=abc"),
-         "exit 3", "--config.batch_size=abc: invalid literal for int()", fix=F4),
+         "exit 3", "--config.batch_size=abc: invalid literal for int()"),
     Case("cli_unknown_key", "unknown key on the command line", "--config.batch_sise=32",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.batch_sise=32"),
-         "exit 3", 'Did you mean "batch_size" instead of "batch_sise"?', fix=F4),
+         "exit 3", 'Did you mean "batch_size" instead of "batch_sise"?'),
     Case("cli_unknown_preset", "unknown preset on the command line", "--config=configs/simclr.py:mnist",
          lambda c: run_cli("--config=configs/simclr.py:mnist", f"--workdir={c.fresh_workdir()}"),
-         "exit 3", "unknown preset 'mnist'; use one of digits", fix=F4),
+         "exit 3", "unknown preset 'mnist'; use one of digits"),
     Case("cli_missing_config_file", "missing config file on the command line", "--config=configs/nope.py:digits",
          lambda c: run_cli("--config=configs/nope.py:digits", f"--workdir={c.fresh_workdir()}"),
-         "exit 3", "No such file or directory: 'configs/nope.py'", fix=F4),
+         "exit 3", "No such file or directory: 'configs/nope.py'"),
     Case("cli_bad_value_on_saved_run", "bad value, CLI, on a finished run", "--config.loss.temperature=0",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.saved_run()}", "--config.loss.temperature=0.0"),
          "exit 3", "[process 0] config error: config.loss.temperature is 0.0 but must be a positive number"),
@@ -395,7 +389,7 @@ CASES = [
          "--config.dataset.data_dir=/nonexistent",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.dataset.name=fashion_mnist",
                            "--config.dataset.data_dir=/nonexistent"),
-         "exit 3", "Fashion-MNIST file /nonexistent/train-images-idx3-ubyte.gz does not exist", fix=F5),
+         "exit 3", "Fashion-MNIST file /nonexistent/train-images-idx3-ubyte.gz does not exist"),
 ]
 
 
@@ -430,9 +424,8 @@ def runner(tmp_path_factory):
 
 
 def _params(check: str):
-    marks = lambda c: ([pytest.mark.xfail(strict=True, reason=c.fix)]  # noqa: E731
-                       if c.fix and check in c.fix_checks else [])
-    return [pytest.param(c, id=c.name, marks=marks(c)) for c in CASES]
+    del check  # every check runs for every case
+    return [pytest.param(c, id=c.name) for c in CASES]
 
 
 @pytest.mark.parametrize("case", _params("message"))
@@ -465,8 +458,6 @@ def markdown_table(runner: Runner) -> str:
     for i, case in enumerate(CASES, 1):
         outcome, lost = runner.result(case)
         status = outcome.kind + (" (saved files changed!)" if lost else "")
-        if case.fix:
-            status += f" — wants {case.kind}, needs {case.fix.split(':')[0]}"
         message = re.sub(re.escape(runner.root) + r"/[\w.-]+", "<tmp>", outcome.message)  # scratch dirs
         message = message.replace("|", "\\|").replace("\n", " ")
         rows.append(f"| {i} | {case.case} | `{case.given}` | {status} | {message} | "
@@ -484,21 +475,11 @@ Generated by `.venv/bin/python tests/test_bad_input.py > docs/BAD_INPUT.md` from
 afterwards; a fresh workdir stays without files). In-process cases call `clrjax.train.train`
 on a copy of a finished run unless the input says otherwise.
 
-Rows marked "needs F*" show today's behaviour; their checks are strict xfails until the fix lands:
-
-* **F1**: resuming a checkpoint whose state does not fit (another method, other shapes) fails
-  inside Orbax; it should be a ConfigError naming the mismatched leaves.
-* **F2**: a crop the encoder cannot take raises ValueError (CLI: exit 1 + traceback); it should
-  be a ConfigError from `validate_config`, before any data is loaded.
-* **F3**: `augment.mean`/`std` longer than the channels passes validation, writes `config.json`
-  and a checkpoint dir, then fails while tracing the step.
-* **F4**: errors while parsing `--config` / `--config.<field>` print a Python traceback with
-  exit 1 (exit 3 and one line is the contract).
-* **F5**: a missing or corrupt dataset (`DataError`) exits 1 with a traceback from the CLI.
-
 """
 
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="clrjax-bad-input-") as root:
-        print(HEADER + markdown_table(Runner(root)))
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines of the runs stay off the table
+            table = markdown_table(Runner(root))
+        print(HEADER + table)

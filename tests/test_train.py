@@ -164,3 +164,15 @@ def test_periodic_knn_is_logged(tmp_path):
     rows = [r for r in metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl")) if "knn5_top1" in r]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0.0 <= r["knn5_top1"] <= 1.0 for r in rows)
+
+
+def test_skip_policy_stops_after_max_consecutive_skips(tmp_path):
+    # An absurd learning rate makes the parameters non-finite after the first
+    # update, so every later step is dropped until the limit is reached.
+    config = tiny_config("simclr", num_steps=12, **{
+        "optimizer.lr": 1e30, "nonfinite.policy": "skip", "nonfinite.max_consecutive_skips": 3})
+    with pytest.raises(train.NonFiniteError, match="non-finite values at step"):
+        train.train(config, str(tmp_path))
+    from clrjax import metrics as metrics_lib
+    rows = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert rows and rows[-1]["step"] < 12
