@@ -220,7 +220,7 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
         new_state = jax.tree.map(lambda u, d: jnp.where(finite, u, d), updated, dropped)
         step_metrics = dict(loss_metrics, loss=ssl_loss, probe_loss=probe_loss, probe_acc=probe_acc,
                             grad_norm=grad_norm, finite=finite, lr=exp.schedule(state.step),
-                            skipped_updates=new_state.total_skips)
+                            skipped_updates=new_state.total_skips, consecutive_skips=new_state.skips)
         return new_state, step_metrics
 
     if not jit:
@@ -398,7 +398,8 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
         for step in range(start, end):
             batch = parallel.host_to_global(model_batch(next(loader)), exp.mesh)
             state, step_metrics = step_fn(state, batch)
-            previous, pending = pending, (step + 1, step_metrics, state.skips)
+            # Only metrics are kept: the state's buffers are donated to the next step.
+            previous, pending = pending, (step + 1, step_metrics)
             _check_finite(previous, policy, max_skips, checkpointer)
             steps_since_log += 1
             done = step + 1
@@ -465,17 +466,18 @@ def _check_finite(pending, policy: str, max_skips: int, checkpointer) -> None:
     """Raises NonFiniteError per the policy when the pending step's update was dropped."""
     if pending is None:
         return
-    step, step_metrics, skips = pending
+    step, step_metrics = pending
     finite = bool(jax.device_get(step_metrics["finite"]))
     if finite:
         return
     bad = {k: float(v) for k, v in jax.device_get(step_metrics).items()
            if k in ("loss", "probe_loss", "grad_norm") and not np.isfinite(v)}
     last_good = checkpointer.latest_step()
-    if policy == "stop" or int(jax.device_get(skips)) >= max_skips:
+    skips = int(jax.device_get(step_metrics["consecutive_skips"]))
+    if policy == "stop" or skips >= max_skips:
         checkpointer.wait()
         raise NonFiniteError(
             f"non-finite values at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
             f"the update was not applied and the last good checkpoint is step {last_good}. "
             "Lower the learning rate, or set --config.nonfinite.policy=skip to drop such updates.")
-    logging.warning("Step %d: non-finite %s; update skipped (%d in a row).", step, bad, int(skips))
+    logging.warning("Step %d: non-finite %s; update skipped (%d in a row).", step, bad, skips)
