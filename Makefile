@@ -32,8 +32,13 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VPY) experiments/train.py --config=configs/simclr.py:digits --workdir=$(DEMO_WORKDIR)
 
+# Two workers: much of the suite is single-threaded XLA compilation and
+# subprocess start-up, which overlaps well on 2 cores. Tests of one file stay
+# on one worker (module fixtures are built once).
+PYTEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-test
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

@@ -15,8 +15,8 @@ One step (DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import json
 import os
 import socket
@@ -353,7 +353,14 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
         return RunResult(state, exp, _last_logged(workdir), 0)
 
     end = exp.total_steps if stop_after_steps is None else min(exp.total_steps, start + stop_after_steps)
-    result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop, elapsed_before)
+    try:
+        result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop, elapsed_before)
+    except BaseException:
+        # The error that stopped the run is the one to report; a second one
+        # from shutting down the checkpoint manager would only hide it.
+        with contextlib.suppress(Exception):
+            checkpointer.close()
+        raise
     checkpointer.close()
     if main and result.state is not None and int(result.state.step) >= exp.total_steps:
         metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
