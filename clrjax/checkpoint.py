@@ -47,8 +47,14 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         # Scanned before the manager starts, which may clean such leftovers up.
         self.leftovers = self._scan_incomplete()
+        # An explicit policy: with only save_interval_steps, Orbax also adds an
+        # initial save after the first step, which costs a write and a `keep` slot.
+        policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps,
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(every_steps),
+                policies.PreemptionCheckpointingPolicy(),
+            ]),
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
