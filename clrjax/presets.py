@@ -129,3 +129,21 @@ def apply_cpu_recipe(c, preset: str) -> None:
     c.optimizer.warmup_epochs = 5.0 if digits else 1.0  # short linear warmup, then cosine
     c.probe.lr = 1e-2 if digits else 1e-3  # the digits probe sees only ~300 steps
     c.checkpoint.every_steps = 100 if digits else 500
+
+
+def build_config(method: str, arg, recipes: dict, common=None):
+    """The ``get_config(arg)`` body shared by ``configs/<method>.py``.
+
+    ``recipes`` maps each preset to the method's recipe function; ``common``
+    (optional) sets values the method uses on every preset, before the recipe.
+    """
+    from clrjax import config as config_lib  # local: clrjax.config imports nothing from here
+
+    preset = parse_preset(arg)
+    c = config_lib.base_config()
+    c.method = method
+    apply_dataset_preset(c, preset)
+    if common is not None:
+        common(c)
+    recipes[preset](c)
+    return c

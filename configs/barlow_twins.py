@@ -7,18 +7,11 @@ Presets: digits, fashion_mnist, cifar10, cifar100, imagenet.
 Note: the official recipe uses a separate learning rate for biases and BN parameters (0.0048);
 clrjax uses one learning rate and excludes those parameters from LARS adaptation and weight decay.
 """
-from clrjax import config as config_lib
 from clrjax import presets
 
 
 def get_config(arg=None):
-    preset = presets.parse_preset(arg)
-    c = config_lib.base_config()
-    c.method = "barlow_twins"
-    presets.apply_dataset_preset(c, preset)
-    {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
-     "cifar100": _cifar, "imagenet": _imagenet}[preset](c)
-    return c
+    return presets.build_config("barlow_twins", arg, RECIPES)
 
 
 def _digits(c):
@@ -62,3 +55,7 @@ def _imagenet(c):
     c.optimizer.warmup_epochs = 10.0   # BT sec. 4
     c.optimizer.end_lr = 0.0           # BT decays to 1/1000 of the peak; ~0 here
     c.checkpoint.every_steps = 2500
+
+
+RECIPES = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
+           "cifar100": _cifar, "imagenet": _imagenet}

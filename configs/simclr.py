@@ -7,18 +7,11 @@ COMMAND:
 Presets: digits, fashion_mnist, cifar10, cifar100, imagenet. Any field can be overridden with
 --config.<field>=<value> (e.g. --config.loss.temperature=0.2).
 """
-from clrjax import config as config_lib
 from clrjax import presets
 
 
 def get_config(arg=None):
-    preset = presets.parse_preset(arg)
-    c = config_lib.base_config()
-    c.method = "simclr"
-    presets.apply_dataset_preset(c, preset)
-    {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
-     "cifar100": _cifar, "imagenet": _imagenet}[preset](c)
-    return c
+    return presets.build_config("simclr", arg, RECIPES)
 
 
 def _digits(c):
@@ -66,3 +59,7 @@ def _imagenet(c):
     c.optimizer.warmup_epochs = 10.0   # SimCLR sec. 2.2
     c.probe.lr = 1e-3
     c.checkpoint.every_steps = 2500
+
+
+RECIPES = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
+           "cifar100": _cifar, "imagenet": _imagenet}

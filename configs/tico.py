@@ -5,20 +5,16 @@ COMMAND:
 Presets: digits, fashion_mnist, cifar10, cifar100, imagenet.
 The running covariance (loss state) is saved in every checkpoint and restored on resume.
 """
-from clrjax import config as config_lib
 from clrjax import presets
 
 
 def get_config(arg=None):
-    preset = presets.parse_preset(arg)
-    c = config_lib.base_config()
-    c.method = "tico"
-    presets.apply_dataset_preset(c, preset)
+    return presets.build_config("tico", arg, RECIPES, common=_loss_defaults)
+
+
+def _loss_defaults(c):
     c.loss.beta = 0.9                  # TiCo: covariance momentum beta = 0.9
     c.loss.rho = 8.0                   # clrjax default; reference implementations use 20 at ImageNet scale
-    {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
-     "cifar100": _cifar, "imagenet": _imagenet}[preset](c)
-    return c
 
 
 def _digits(c):
@@ -58,3 +54,7 @@ def _imagenet(c):
     c.optimizer.weight_decay = 1.5e-6
     c.optimizer.warmup_epochs = 10.0
     c.checkpoint.every_steps = 2500
+
+
+RECIPES = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
+           "cifar100": _cifar, "imagenet": _imagenet}

@@ -4,21 +4,17 @@ COMMAND:
   python experiments/train.py --config=configs/vicreg.py:digits --workdir=runs/vicreg_digits
 Presets: digits, fashion_mnist, cifar10, cifar100, imagenet.
 """
-from clrjax import config as config_lib
 from clrjax import presets
 
 
 def get_config(arg=None):
-    preset = presets.parse_preset(arg)
-    c = config_lib.base_config()
-    c.method = "vicreg"
-    presets.apply_dataset_preset(c, preset)
+    return presets.build_config("vicreg", arg, RECIPES, common=_loss_defaults)
+
+
+def _loss_defaults(c):
     c.loss.sim_coeff = 25.0            # VICReg sec. 4.1: lambda = 25
     c.loss.std_coeff = 25.0            # VICReg sec. 4.1: mu = 25
     c.loss.cov_coeff = 1.0             # VICReg sec. 4.1: nu = 1
-    {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
-     "cifar100": _cifar, "imagenet": _imagenet}[preset](c)
-    return c
 
 
 def _digits(c):
@@ -57,3 +53,7 @@ def _imagenet(c):
     c.optimizer.weight_decay = 1e-6    # VICReg sec. 4.1
     c.optimizer.warmup_epochs = 10.0   # VICReg sec. 4.1
     c.checkpoint.every_steps = 2500
+
+
+RECIPES = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar,
+           "cifar100": _cifar, "imagenet": _imagenet}
