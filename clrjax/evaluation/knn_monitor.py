@@ -15,6 +15,7 @@ import numpy as np
 
 from clrjax import parallel
 from clrjax.data import augment, pipeline, sources
+from clrjax.evaluation import run_eval
 from clrjax.evaluation.knn import knn_accuracy
 
 
@@ -23,11 +24,11 @@ class KnnMonitor:
 
     def __init__(self, model, config):
         self._config = config
-        self._mesh = parallel.make_mesh(jax.local_devices())
+        self._mesh = run_eval.eval_mesh()
         dataset = config.dataset.to_dict()
         self._train = sources.load_source(dataset, config.dataset.train_split)
         self._test = sources.load_source(dataset, config.dataset.test_split)
-        self._batch = max(self._mesh.size, config.eval.batch_size // self._mesh.size * self._mesh.size)
+        self._batch = run_eval.eval_batch_size(config.eval.batch_size, self._mesh.size)
         aug_cfg = config.augment.to_dict()
 
         def features(variables, images):
