@@ -167,16 +167,14 @@ def _check_probability(field: str, value: Any) -> None:
 def _check_loss_kwargs(config) -> None:
     from clrjax import losses  # local: keeps `import clrjax.config` light
 
-    method = losses.get_method(config.method)
     accepted = set(losses.loss_kwarg_names(config.method))
-    for key, value in config.loss.items():
+    for key in config.loss:
         if key not in accepted:
             _fail(f"loss.{key}", f"is not an argument of the {config.method} loss",
                   _suggest(key, sorted(accepted)))
     temperature = config.loss.get("temperature", None)
     if temperature is not None:
         _check_positive("loss.temperature", temperature)
-    del method
 
 
 def validate_config(config, *, num_devices: Optional[int] = None,
