@@ -14,7 +14,7 @@ so a checkpoint written on one device/process count resumes on another.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -123,18 +123,26 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
-    def restore_subtree(self, step: int) -> Any:
-        """The saved state as host numpy arrays, whatever topology wrote it (eval, export).
+    def restore_subtree(self, step: int, keys: Optional[Sequence[str]] = None) -> Any:
+        """The saved state, or its top-level ``keys`` alone, as host numpy arrays (eval, export).
 
-        Orbax refuses a target-less restore when the writer's devices differ
-        from ours, so the target is built from the checkpoint's own metadata
-        and placed on one local device.
+        Works whatever topology wrote the checkpoint: Orbax refuses a
+        target-less restore when the writer's devices differ from ours, so the
+        target is built from the checkpoint's own metadata and placed on one
+        local device. With ``keys`` (e.g. ``('params', 'batch_stats')``) the
+        other entries, such as the optimizer state (2x the parameters for
+        Adam/LARS), are not read at all (Orbax ``partial_restore``); a key the
+        checkpoint lacks is left out of the result.
         """
+        saved = self._saved_tree(step)
+        if keys is not None:  # an empty entry (a ViT's batch_stats) may be absent from the metadata
+            saved = {k: saved[k] for k in keys if k in saved}
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              self._saved_tree(step))
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
         path = os.path.join(self.directory, str(step), "state")
-        return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path, target))
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=keys is not None)
+        return jax.tree.map(np.asarray, ocp.PyTreeCheckpointer().restore(path, args=args))
 
     def wait(self) -> None:
         """Blocks until any background save has finished (and raises its error, if any)."""

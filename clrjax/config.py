@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
 
     c.model = ml_collections.ConfigDict()  # encoder: name, dtype, and the model's own keyword arguments
-    c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base
+    c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base (switch with :PRESET,encoder=NAME)
     c.model.dtype = "float32"        # compute dtype ("bfloat16" keeps float32 parameters)
 
     c.projector = ml_collections.ConfigDict()  # projector MLP between encoder features and the loss
@@ -237,6 +237,13 @@ def _check_model(config) -> None:
 
     try:
         models.build_encoder(config.model)
+    except models.UnknownModelFieldError as err:
+        # Usually --config.model.name changed on a preset that set another encoder's fields.
+        raise ConfigError(
+            f"config.model is invalid: {err} To change a preset's encoder, name it in the config "
+            "argument instead of --config.model.name, e.g. --config=configs/simclr.py:fashion_mnist,encoder=resnet18 "
+            "(that encoder at its defaults)."
+        ) from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.model is invalid: {err}") from None
     try:

@@ -4,10 +4,22 @@
 applies :func:`apply_dataset_preset` (data, augmentation, encoder) and then the
 method's own recipe (loss, projector, optimizer, batch, epochs), so each
 method file holds only what its paper specifies.
+
+The config argument is ``PRESET[,encoder=NAME]``: ``encoder=`` replaces the
+preset's encoder by another at that encoder's defaults (:func:`switch_encoder`).
+Setting ``--config.model.name`` alone would keep the preset's encoder-specific
+fields (e.g. cnn_small's ``widths``), which the new encoder rejects.
 """
 from __future__ import annotations
 
+from typing import Dict, Optional, Tuple
+
 PRESETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet")
+CONFIG_ARG_OPTIONS = ("encoder",)
+# Below this crop size a ResNet gets the CIFAR stem (3x3 stride 1, no max-pool;
+# SimCLR app. B.9 uses it at 32 px): the ImageNet stem's stride 4 would leave a
+# final feature map of at most 1x1 after the stages' further stride 8.
+CIFAR_STEM_BELOW = 64
 
 # Channel statistics used for normalisation after augmentation.
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -21,6 +33,51 @@ def parse_preset(arg: str | None, default: str = "digits") -> str:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)} "
                          "(e.g. --config=configs/simclr.py:digits).")
     return preset
+
+
+def parse_config_arg(arg: Optional[str], default: str = "digits") -> Tuple[str, Dict[str, str]]:
+    """``'PRESET[,key=value...]'`` -> ``(preset, {key: value})``; keys from CONFIG_ARG_OPTIONS."""
+    preset, *items = [part.strip() for part in (arg or default).split(",")]
+    options: Dict[str, str] = {}
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not value or key not in CONFIG_ARG_OPTIONS:
+            raise ValueError(f"config argument option {item!r} is not understood; the argument is "
+                             f"PRESET[,encoder=NAME], e.g. --config=configs/simclr.py:fashion_mnist,encoder=resnet18.")
+        if key in options:
+            raise ValueError(f"config argument option {key!r} is given twice in {arg!r}.")
+        options[key] = value
+    return parse_preset(preset, default), options
+
+
+def switch_encoder(c, name: str) -> None:
+    """Replaces ``c.model`` by encoder ``name`` at its defaults, keeping the preset's dtype.
+
+    A ResNet on crops smaller than CIFAR_STEM_BELOW pixels gets the CIFAR stem.
+    """
+    import ml_collections
+
+    from clrjax import models
+
+    if name not in models.ENCODER_NAMES:
+        raise ValueError(f"encoder={name!r} is not an encoder; use one of {', '.join(models.ENCODER_NAMES)}.")
+    c.model = ml_collections.ConfigDict({"name": name, "dtype": c.model.dtype})
+    if name.startswith("resnet") and c.augment.crop_size < CIFAR_STEM_BELOW:
+        c.model.cifar_stem = True
+
+
+def fill_model_defaults(c) -> None:
+    """Adds every keyword of the chosen encoder, at its default, to ``c.model``.
+
+    As for the loss (:func:`clrjax.config.fill_loss_defaults`): config.json then
+    records the whole encoder, and every field can be overridden on the command
+    line, which ml_collections only allows for fields that exist.
+    """
+    from clrjax import models
+
+    for field, value in models.resolve_model_config(c.model).items():
+        if field not in c.model:
+            c.model[field] = tuple(value) if isinstance(value, list) else value
 
 
 def apply_dataset_preset(c, preset: str) -> None:
@@ -134,16 +191,20 @@ def apply_cpu_recipe(c, preset: str) -> None:
 def build_config(method: str, arg, recipes: dict, common=None):
     """The ``get_config(arg)`` body shared by ``configs/<method>.py``.
 
+    ``arg`` is ``PRESET[,encoder=NAME]`` (:func:`parse_config_arg`).
     ``recipes`` maps each preset to the method's recipe function; ``common``
     (optional) sets values the method uses on every preset, before the recipe.
     """
     from clrjax import config as config_lib  # local: clrjax.config imports nothing from here
 
-    preset = parse_preset(arg)
+    preset, options = parse_config_arg(arg)
     c = config_lib.base_config()
     c.method = method
     apply_dataset_preset(c, preset)
     if common is not None:
         common(c)
     recipes[preset](c)
+    if "encoder" in options:
+        switch_encoder(c, options["encoder"])
+    fill_model_defaults(c)
     return c

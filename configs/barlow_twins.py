@@ -3,7 +3,7 @@ r"""Barlow Twins (Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning v
 COMMAND:
   python experiments/train.py --config=configs/barlow_twins.py:digits --workdir=runs/bt_digits
   python experiments/train.py --config=configs/barlow_twins.py:imagenet --workdir=gs://bucket/bt
-Presets: digits, fashion_mnist, cifar10, cifar100, imagenet.
+Presets: digits, fashion_mnist, cifar10, cifar100, imagenet; append ,encoder=NAME to change the encoder.
 Note: the official recipe uses a separate learning rate for biases and BN parameters (0.0048);
 clrjax uses one learning rate and excludes those parameters from LARS adaptation and weight decay.
 """

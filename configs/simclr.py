@@ -4,8 +4,8 @@ COMMAND:
   python experiments/train.py --config=configs/simclr.py:digits --workdir=runs/simclr_digits
   python experiments/train.py --config=configs/simclr.py:cifar10 --workdir=runs/simclr_c10 \
       --config.dataset.data_dir=$HOME/tensorflow_datasets
-Presets: digits, fashion_mnist, cifar10, cifar100, imagenet. Any field can be overridden with
---config.<field>=<value> (e.g. --config.loss.temperature=0.2).
+Presets: digits, fashion_mnist, cifar10, cifar100, imagenet; append ,encoder=NAME to change the encoder.
+Any field can be overridden with --config.<field>=<value> (e.g. --config.loss.temperature=0.2).
 """
 from clrjax import presets
 

@@ -2,7 +2,7 @@ r"""TiCo (Zhu et al. 2022, "TiCo: Transformation Invariance and Covariance Contr
 
 COMMAND:
   python experiments/train.py --config=configs/tico.py:digits --workdir=runs/tico_digits
-Presets: digits, fashion_mnist, cifar10, cifar100, imagenet.
+Presets: digits, fashion_mnist, cifar10, cifar100, imagenet; append ,encoder=NAME to change the encoder.
 The running covariance (loss state) is saved in every checkpoint and restored on resume.
 """
 from clrjax import presets

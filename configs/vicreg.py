@@ -2,7 +2,7 @@ r"""VICReg (Bardes, Ponce & LeCun 2022, "VICReg: Variance-Invariance-Covariance 
 
 COMMAND:
   python experiments/train.py --config=configs/vicreg.py:digits --workdir=runs/vicreg_digits
-Presets: digits, fashion_mnist, cifar10, cifar100, imagenet.
+Presets: digits, fashion_mnist, cifar10, cifar100, imagenet; append ,encoder=NAME to change the encoder.
 """
 from clrjax import presets
 

@@ -18,6 +18,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from clrjax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<method>.py:<preset>).",
                                          lock_config=False)
 _MODE = flags.DEFINE_list("mode", ["step", "input"], "Any of: step, input, loss.")
@@ -98,8 +100,15 @@ def _print_loss_row(r):
 
 def main(argv):
     del argv
+    from clrjax import config as config_lib
+    try:
+        _run(_CONFIG.value)
+    except config_lib.ConfigError as err:
+        cli.fail("benchmark", f"config error: {err}")
+
+
+def _run(config):
     from clrjax import benchmarking
-    config = _CONFIG.value
     env = benchmarking.environment()
     print(f"device: {env['device_kind']} x{env['device_count']} ({env['backend']}) | jax {env['jax']} "
           f"jaxlib {env['jaxlib']} flax {env['flax']} optax {env['optax']} | python {env['python']}")
@@ -123,4 +132,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -12,16 +12,15 @@ By default 'torch' is skipped with a note where it cannot be written (cnn_small,
 asking for it explicitly then fails. Exit status: 0 done; 3 bad input.
 """
 import os
-import sys
 
 from absl import app, flags, logging
+
+from clrjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory.")
 _OUT = flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export).")
 _FORMATS = flags.DEFINE_list("formats", ["orbax", "safetensors", "torch"], "Formats to write.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-
-EXIT_BAD_INPUT = 3
 
 
 def main(argv):
@@ -34,8 +33,7 @@ def main(argv):
     try:
         written, notes, encoder = restore.export_run(_WORKDIR.value, _OUT.value, requested, _STEP.value)
     except restore.EvalInputError as err:
-        print(f"export: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        cli.fail("export", err)
     for note in notes:
         print(f"export: note: {note}")
     formats = ", ".join(k for k in written if k not in ("config", "preprocessing"))

@@ -13,19 +13,12 @@ Exit status: 0 done; 3 bad input (the message says what to fix).
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<method>.py:<preset>); default: the run's config.json.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory (uses its latest checkpoint).")
-_ENCODER = flags.DEFINE_string("encoder", None, "Export directory written by experiments/export.py (needs --config).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-_OUT = flags.DEFINE_string("out", None, "Directory for knn_eval.json (default: the run or export directory).")
+from clrjax import cli
+
+_ENC = cli.define_encoder_flags("knn_eval.json")
 _KS = flags.DEFINE_list("ks", ["20", "200"], "Numbers of neighbours k (Wu et al. 2018: 200).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "Vote temperature T (Wu et al. 2018: 0.07).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress line on stderr.")
-
-EXIT_BAD_INPUT = 3
 
 
 def main(argv):
@@ -35,20 +28,19 @@ def main(argv):
     try:
         ks = [int(k) for k in _KS.value]
     except ValueError:
-        print(f"knn_eval: --ks={','.join(_KS.value)} must be integers, e.g. --ks=20,200.", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        cli.fail("knn_eval", f"--ks={','.join(_KS.value)} must be integers, e.g. --ks=20,200.")
     try:
-        encoder = restore.from_flags(_WORKDIR.value, _ENCODER.value, _CONFIG.value, _STEP.value)
-        result = run_eval.run_knn_eval(encoder, ks=ks, temperature=_TEMPERATURE.value, progress=_PROGRESS.value)
+        encoder = _ENC.restore()
+        result = run_eval.run_knn_eval(encoder, ks=ks, temperature=_TEMPERATURE.value,
+                                       progress=_ENC.progress.value)
     except restore.EvalInputError as err:
-        print(f"knn_eval: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        cli.fail("knn_eval", err)
     result["command"] = " ".join(sys.argv)
-    out_dir = restore.output_dir(encoder, _OUT.value)
+    out_dir = _ENC.output_dir(encoder)
     path = run_eval.write_result(out_dir, run_eval.KNN_EVAL_FILE, {"knn": result})
     print(run_eval.format_knn_line(result, path), flush=True)
 
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

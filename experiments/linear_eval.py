@@ -18,22 +18,15 @@ Exit status: 0 done; 3 bad input (the message says what to fix).
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<method>.py:<preset>); default: the run's config.json.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory (uses its latest checkpoint).")
-_ENCODER = flags.DEFINE_string("encoder", None, "Export directory written by experiments/export.py (needs --config).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-_OUT = flags.DEFINE_string("out", None, "Directory for linear_eval.json (default: the run or export directory).")
+from clrjax import cli
+
+_ENC = cli.define_encoder_flags("linear_eval.json")
 _PROTOCOL = flags.DEFINE_enum("protocol", "features", ["features", "augmented"], "Linear evaluation protocol.")
 _FEW_SHOT = flags.DEFINE_bool("few_shot", False, "Also run 1/5/10/25-shot linear probes (5 draws each).")
 _EPOCHS = flags.DEFINE_integer("epochs", 90, "augmented: training epochs (SimCLR app. B.5: 90).")
 _LR = flags.DEFINE_float("lr", None, "augmented: base learning rate (default 0.1 x batch_size / 256).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "augmented: batch size (a multiple of the local devices).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress line on stderr.")
-
-EXIT_BAD_INPUT = 3
 
 
 def main(argv):
@@ -41,19 +34,18 @@ def main(argv):
     from clrjax.evaluation import restore, run_eval
 
     try:
-        encoder = restore.from_flags(_WORKDIR.value, _ENCODER.value, _CONFIG.value, _STEP.value)
+        encoder = _ENC.restore()
         results = run_eval.run_linear_eval(
             encoder, protocol=_PROTOCOL.value, few_shot_eval=_FEW_SHOT.value, epochs=_EPOCHS.value,
-            lr=_LR.value, batch_size=_BATCH.value, progress=_PROGRESS.value)
+            lr=_LR.value, batch_size=_BATCH.value, progress=_ENC.progress.value)
     except restore.EvalInputError as err:
-        print(f"linear_eval: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        cli.fail("linear_eval", err)
     command = " ".join(sys.argv)
     results = {k: dict(v, command=command) for k, v in results.items()}
-    path = run_eval.write_result(restore.output_dir(encoder, _OUT.value), run_eval.LINEAR_EVAL_FILE, results)
+    path = run_eval.write_result(_ENC.output_dir(encoder), run_eval.LINEAR_EVAL_FILE, results)
     print(run_eval.format_linear_line(results, path), flush=True)
 
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

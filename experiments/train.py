@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from clrjax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<method>.py:<preset>).",
                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json.")
@@ -25,37 +27,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 _LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "Local device ids this process uses.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None, "End this invocation after N steps (saves first).")
-
-EXIT_CONFIG_ERROR = 3
-EXIT_NONFINITE = 4
-EXIT_CHECKPOINT_WRITE = 5
-EXIT_PREEMPTED = 75
-
-
-def _flag_error_text(err: Exception) -> str:
-    """One line from an absl/ml_collections flag error, which may embed a traceback or a repr."""
-    if isinstance(err, (KeyError, AttributeError)):  # an override names a field the config lacks
-        text = str(err.args[0] if err.args else err).replace("\\'", "'").replace("\\n", "\n").strip("'\" ")
-        first, _, rest = text.partition("\n")
-        return f"unknown config field '{first.strip(chr(39))}'. {rest.strip()}".strip()
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if len(lines) > 1 and any(ln.startswith("Traceback") for ln in lines):  # the config file raised
-        return f"{lines[0].split(': ')[0]}: {lines[-1]}"
-    return " ".join(lines)
-
-
-def _parse_flags(argv):
-    """absl flag parsing whose config errors end in one line and exit 3, not a traceback."""
-    try:
-        remaining = flags.FLAGS(argv)
-        if _CONFIG.value is not None:
-            _CONFIG.value.keys()  # ml_collections defers config-file load errors to first use
-        return remaining
-    except Exception as err:  # flags.Error; ml_collections' AttributeError, KeyError, TypeError, OSError
-        print(f"config error: {_flag_error_text(err)} (check --config=FILE:PRESET and the --config.<field> "
-              "names and values; every field is listed in clrjax/config.py base_config)", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
-
 
 class _StopFlag:
     """Set by SIGTERM/SIGINT; the loop finishes its step, saves and returns."""
@@ -98,25 +69,25 @@ def main(argv):
                              stop_after_steps=_STOP_AFTER.value, should_stop=stop)
     except config_lib.ConfigError as err:
         print(f"[process {pid}] config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        sys.exit(cli.EXIT_BAD_INPUT)
     except sources.DataError as err:
         print(f"[process {pid}] data error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        sys.exit(cli.EXIT_BAD_INPUT)
     except train.NonFiniteError as err:
         print(f"[process {pid}] stopped: {err}", file=sys.stderr)
-        sys.exit(EXIT_NONFINITE)
+        sys.exit(cli.EXIT_NONFINITE)
     except ckpt_lib.CheckpointWriteError as err:
         print(f"[process {pid}] stopped: {err}", file=sys.stderr)
-        sys.exit(EXIT_CHECKPOINT_WRITE)
+        sys.exit(cli.EXIT_CHECKPOINT_WRITE)
     except Exception as err:  # every process reports a fatal error with its id
         print(f"[process {pid}] fatal error: {type(err).__name__}: {err}", file=sys.stderr)
         raise
     if result.stopped_early:
         print(f"Stopped at step {int(result.state.step)} after a stop request; checkpoint saved in "
               f"{os.path.abspath(_WORKDIR.value)}. Re-run the same command to resume.")
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(cli.EXIT_PREEMPTED)
     report_and_evaluate(result, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -149,11 +149,16 @@ def _is_log_line(line: str) -> bool:
     return (line[:1] in "IWEF" and line[1:5].isdigit()) or line.startswith(("WARNING:", "INFO:", "Pass --help"))
 
 
-def run_cli(*args: str, devices: int = 2) -> None:
+def run_cli(*args: str, devices: int = 2, program: str = TRAIN_CLI) -> None:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, TRAIN_CLI, *args], env=env, cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, program, *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     raise CliExit(proc.returncode, proc.stderr)
+
+
+def run_program(name: str, *args: str) -> None:
+    """Another program of experiments/ (evaluation, export, benchmark) through run_cli."""
+    run_cli(*args, program=os.path.join(ROOT, "experiments", f"{name}.py"))
 
 
 # --------------------------------------------------------------------------- corrupt data on disk
@@ -369,7 +374,32 @@ CASES = [
     Case("missing_config_file", "missing config file", "configs/nope.py:digits",
          lambda c: config_lib.load_config_file("configs/nope.py:digits"),
          "ConfigError", "the config file 'configs/nope.py' does not exist"),
+    Case("unknown_encoder_option", "unknown encoder in the config argument", "configs/simclr.py:digits,encoder=resnet19",
+         lambda c: config_lib.load_config_file(os.path.join(ROOT, "configs", "simclr.py") + ":digits,encoder=resnet19"),
+         "ValueError", "encoder='resnet19' is not an encoder; use one of cnn_small, resnet18"),
+    Case("unknown_config_argument_option", "unknown option in the config argument", "configs/simclr.py:digits,width=2",
+         lambda c: config_lib.load_config_file(os.path.join(ROOT, "configs", "simclr.py") + ":digits,width=2"),
+         "ValueError", "config argument option 'width=2' is not understood; the argument is PRESET[,encoder=NAME]"),
     # ---- through the CLI (exit status and stderr as a user sees them)
+    Case("cli_model_name_on_preset", "encoder changed by model.name alone", "--config.model.name=resnet18 on digits",
+         lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.model.name=resnet18"),
+         "exit 3", "name it in the config argument instead of --config.model.name, e.g. "
+                   "--config=configs/simclr.py:fashion_mnist,encoder=resnet18"),
+    Case("cli_eval_unknown_preset", "unknown preset, linear_eval", "linear_eval.py --config=configs/simclr.py:mnist",
+         lambda c: run_program("linear_eval", f"--workdir={c.saved_run()}", "--config=configs/simclr.py:mnist"),
+         "exit 3", "unknown preset 'mnist'; use one of digits"),
+    Case("cli_knn_eval_unknown_key", "unknown key, knn_eval", "knn_eval.py --config.batch_sise=32",
+         lambda c: run_program("knn_eval", f"--workdir={c.saved_run()}", f"--config={DIGITS}",
+                               "--config.batch_sise=32"),
+         "exit 3", 'Did you mean "batch_size" instead of "batch_sise"?'),
+    Case("cli_benchmark_unknown_key", "unknown key, benchmark", "benchmark.py --config.optimizer.lrr=1",
+         lambda c: run_program("benchmark", f"--config={DIGITS}", "--config.optimizer.lrr=1",
+                               f"--json_out={c.path('bench.json')}"),
+         "exit 3", 'Did you mean "lr" instead of "lrr"?'),
+    Case("cli_benchmark_bad_batch", "batch the devices do not divide, benchmark", "benchmark.py --config.batch_size=7",
+         lambda c: run_program("benchmark", f"--config={DIGITS}", "--config.batch_size=7",
+                               f"--json_out={c.path('bench.json')}"),
+         "exit 3", "config.batch_size is 7, which 2 devices do not divide"),
     Case("cli_wrong_type", "wrong type on the command line", "--config.batch_size=abc",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.batch_size=abc"),
          "exit 3", "--config.batch_size=abc: invalid literal for int()"),

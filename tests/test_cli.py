@@ -49,4 +49,11 @@ def test_train_cli_config_error_is_one_sentence(tmp_path):
     proc = run_cli(tmp_path / "bad", "--config.loss.temperature=-1.0")
     assert proc.returncode == 3
     assert "config.loss.temperature" in proc.stderr and "positive" in proc.stderr
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert not (tmp_path / "bad").exists()  # nothing is created for a config that cannot run
+
+
+def test_train_cli_model_name_change_points_to_the_encoder_option(tmp_path):
+    proc = run_cli(tmp_path / "bad", "--config.model.name=resnet18")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "stem_stride" in proc.stderr and ",encoder=resnet18" in proc.stderr
+    assert not (tmp_path / "bad").exists()

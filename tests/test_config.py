@@ -112,3 +112,57 @@ def test_unknown_preset_names_the_choices():
 def test_missing_config_file():
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
         config_lib.load_config_file("configs/nope.py:digits")
+
+
+def _load(method, arg):
+    return config_lib.load_config_file(os.path.join(ROOT, "configs", f"{method}.py") + f":{arg}")
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet50", "vit_tiny", "cnn_small"])
+def test_encoder_option_replaces_the_presets_encoder(encoder):
+    from clrjax import models
+
+    config = _load("barlow_twins", f"cifar10,encoder={encoder}")
+    config_lib.validate_config(config, num_devices=8)
+    resolved = models.resolve_model_config(config.model)
+    # Exactly the new encoder's fields, every one present so the command line can override it.
+    assert set(config.model.keys()) == set(resolved)
+    assert config.model.name == encoder
+    preset = _load("barlow_twins", "cifar10")
+    assert config.loss.to_dict() == preset.loss.to_dict()  # only the encoder changed
+    assert config.projector.to_dict() == preset.projector.to_dict()
+
+
+def test_encoder_option_gives_a_small_image_resnet_the_cifar_stem():
+    config = _load("simclr", "fashion_mnist,encoder=resnet18")  # 28 px crops
+    config_lib.validate_config(config, num_devices=8)
+    assert config.model.cifar_stem is True
+    assert config.model.dtype == _load("simclr", "fashion_mnist").model.dtype
+    assert _load("simclr", "imagenet,encoder=resnet18").model.cifar_stem is False  # 224 px
+
+
+def test_every_encoder_field_is_listed_and_overridable():
+    from clrjax import models
+
+    config = _load("vicreg", "imagenet")
+    assert set(config.model.keys()) == set(models.resolve_model_config(config.model))
+    changed = config_lib.apply_overrides(config, {"model.zero_init_residual": True})
+    config_lib.validate_config(changed, num_devices=8)
+    assert changed.model.zero_init_residual is True
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("fashion_mnist,encoder=resnet19", "not an encoder.*resnet18"),
+    ("fashion_mnist,width=2", "PRESET\\[,encoder=NAME\\]"),
+    ("fashion_mnist,encoder", "PRESET\\[,encoder=NAME\\]"),
+    ("fashion_mnist,encoder=resnet18,encoder=resnet50", "given twice"),
+])
+def test_bad_config_argument_option(arg, match):
+    with pytest.raises(ValueError, match=match):
+        _load("simclr", arg)
+
+
+def test_changing_model_name_alone_points_to_the_encoder_option():
+    config = config_lib.apply_overrides(_load("simclr", "fashion_mnist"), {"model.name": "resnet18"})
+    with pytest.raises(config_lib.ConfigError, match="fashion_mnist,encoder=resnet18"):
+        config_lib.validate_config(config)

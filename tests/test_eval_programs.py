@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,13 +49,27 @@ def reference(run):
     state = checkpointer.restore_subtree(checkpointer.latest_step())
     checkpointer.close()
     model = models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(), 10)
-    encode = run_eval.make_encode_fn(model, {"params": state["params"], "batch_stats": state["batch_stats"]},
-                                     config.augment.to_dict())
+    encode = run_eval.make_encode_fn(model, config.augment.to_dict())
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     out = {}
     for split in ("train", "test"):
         source = sources.load_digits(split)
-        out[split] = extract_features(encode, pipeline.eval_batches(source, 200), progress=False)
+        out[split] = extract_features(encode, pipeline.eval_batches(source, 200), progress=False,
+                                      variables=variables)
     return out
+
+
+def test_partial_restore_reads_the_encoder_entries_alone(run):
+    checkpointer = Checkpointer(os.path.join(run, "checkpoints"), every_steps=1, keep=10)
+    step = checkpointer.latest_step()
+    full = checkpointer.restore_subtree(step)
+    partial = checkpointer.restore_subtree(step, keys=restore.ENCODER_STATE_KEYS)
+    checkpointer.close()
+    assert "opt_state" in full and set(partial) == {"params", "batch_stats"}
+    for key in partial:
+        flat_full, flat_partial = (jax.tree_util.tree_leaves_with_path(t[key]) for t in (full, partial))
+        assert [p for p, _ in flat_full] == [p for p, _ in flat_partial]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(flat_full, flat_partial))
 
 
 def test_knn_and_linear_equal_the_building_blocks_on_reference_features(run, reference):

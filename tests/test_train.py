@@ -164,6 +164,18 @@ def test_periodic_knn_is_logged(tmp_path):
     rows = [r for r in metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl")) if "knn5_top1" in r]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0.0 <= r["knn5_top1"] <= 1.0 for r in rows)
+    # The step-4 figure is the kNN accuracy of the encoder saved at step 4, recomputed from
+    # the checkpoint on one device with the brute-force-tested kNN. Tolerance: one test example
+    # (8-device and 1-device features differ by float reassociation, ~1e-6, which may flip a tie).
+    from clrjax.evaluation import extract_features, knn_accuracy, restore
+    from clrjax.data import pipeline, sources
+
+    encoder = restore.from_workdir(str(tmp_path), step=4)
+    features = {split: extract_features(encoder.apply_fn(), pipeline.eval_batches(
+        sources.load_digits(split), 100), progress=False, variables=encoder.variables)
+        for split in ("train", "test")}
+    expected = knn_accuracy(*features["train"], *features["test"], num_classes=10, ks=(5,))
+    assert rows[-1]["knn5_top1"] == pytest.approx(expected[5]["top1"], abs=1.5 / len(features["test"][1]))
 
 
 def test_skip_policy_stops_after_max_consecutive_skips(tmp_path):

@@ -356,13 +356,17 @@ def uint8_to_unit_float(images) -> jax.Array:
 
 
 def make_head_train_step(encode_fn, augment_fn, optimizer):
-    """Jitted step: augment -> frozen encode -> softmax-CE on the linear head -> SGD update."""
+    """Jitted step: augment -> frozen encode -> softmax-CE on the linear head -> SGD update.
+
+    ``encode_fn(variables, images)``: the encoder's variables are an argument
+    of the step, not constants of its program (see :mod:`clrjax.evaluation.features`).
+    """
 
     @jax.jit
-    def train_step(head, opt_state, batch, key, lr):
+    def train_step(head, opt_state, variables, batch, key, lr):
         images = augment_fn(batch["image"], batch["index"], key)
         # The encoder is frozen: no gradient reaches its parameters (or is even computed).
-        feats = jax.lax.stop_gradient(encode_fn(images))
+        feats = jax.lax.stop_gradient(encode_fn(variables, images))
         feats = feats.reshape(feats.shape[0], -1).astype(jnp.float32)
         mask = batch["mask"].astype(jnp.float32)
 
@@ -382,7 +386,7 @@ def make_head_train_step(encode_fn, augment_fn, optimizer):
 
 
 def linear_probe_augmented(
-    encode_fn: Callable[[jax.Array], jax.Array],
+    encode_fn: Callable[..., jax.Array],
     train_batches_fn: Callable[[int], Iterable[Mapping[str, Any]]],
     test_batches: Iterable[Mapping[str, Any]],
     *,
@@ -398,11 +402,13 @@ def linear_probe_augmented(
     steps_per_epoch: Optional[int] = None,
     test_preprocess_fn: Callable[[jax.Array], jax.Array] = uint8_to_unit_float,
     progress: bool = False,
+    variables: Any = None,
 ) -> Dict[str, float]:
     """SimCLR/BYOL linear evaluation; returns ``{'top1', 'top5', 'train_loss'}``.
 
     Args:
-      encode_fn: frozen encoder, ``float images -> features``.
+      encode_fn: frozen encoder, ``(variables, float images) -> features``, or
+        ``float images -> features`` when ``variables`` is None.
       train_batches_fn: ``epoch -> iterable`` of dicts ``'image'`` uint8,
         ``'label'``, ``'index'`` (global example counter) and optionally
         ``'mask'`` (False rows do not contribute to the loss).
@@ -417,6 +423,8 @@ def linear_probe_augmented(
         ``len(train_batches_fn(0))``, or a counting pass over epoch 0.
       test_preprocess_fn: ``images -> float images`` at the centre crop;
         the default (uint8 -> [0, 1]) must match ``augment_fn``'s output range.
+      variables: the encoder's parameters, passed to the compiled step (e.g.
+        replicated over ``mesh``).
 
     The head starts at zero (its loss is convex, so initialisation only
     matters for speed).
@@ -431,6 +439,8 @@ def linear_probe_augmented(
         optax.add_decayed_weights(weight_decay, mask=mask_fn),
         optax.trace(decay=momentum, nesterov=nesterov),
     )
+    if variables is None:
+        images_only, encode_fn, variables = encode_fn, (lambda _, images: images_only(images)), {}
     train_step = make_head_train_step(encode_fn, augment_fn, optimizer)
     base_key = jax.random.key(seed)
 
@@ -452,12 +462,13 @@ def linear_probe_augmented(
             }
             batch = jax.tree.map(lambda a: place_batch(a, sharding), batch)
             if head is None:
-                feature_shape = jax.eval_shape(lambda im: encode_fn(augment_fn(im, batch["index"], key)), batch["image"])
+                feature_shape = jax.eval_shape(lambda im: encode_fn(variables, augment_fn(im, batch["index"], key)),
+                                               batch["image"])
                 num_features = math.prod(feature_shape.shape[1:])
                 head = zero_params(num_features, num_classes)
                 opt_state = optimizer.init(head)
             lr_t = jnp.float32(cosine_lr(lr, step, total_steps))
-            head, opt_state, loss = train_step(head, opt_state, batch, key, lr_t)
+            head, opt_state, loss = train_step(head, opt_state, variables, batch, key, lr_t)
             epoch_losses.append(loss)
             step += 1
             bar.update(step, step)
@@ -465,8 +476,9 @@ def linear_probe_augmented(
     if head is None:
         raise ValueError("linear_probe_augmented got no training batches.")
 
-    test_encode = lambda images: encode_fn(test_preprocess_fn(images))
-    test_feats, test_labels = extract_features(test_encode, test_batches, mesh=mesh, progress=progress)
+    test_encode = lambda params, images: encode_fn(params, test_preprocess_fn(images))
+    test_feats, test_labels = extract_features(test_encode, test_batches, mesh=mesh, progress=progress,
+                                               variables=variables)
     logits = predict_logits(head, test_feats)
     return {
         "top1": topk_accuracy(logits, test_labels, 1),

@@ -68,28 +68,24 @@ class FrozenEncoder:
     def module(self):
         return models.build_encoder(self.model_cfg)
 
-    def encode_fn(self, variables: Optional[Mapping[str, Any]] = None):
-        """``uint8 images [B, H, W, C] -> float32 features [B, F]``: eval preprocessing + encoder.
+    def apply_fn(self, preprocess: bool = True):
+        """``(variables, images [B, H, W, C]) -> float32 features [B, F]``, the encoder in inference mode.
 
-        Preprocessing is :func:`clrjax.data.augment.preprocess_eval` (centre
-        crop to ``augment.crop_size``, ``/255``, per-channel normalisation),
-        the same as the end-of-training evaluation. ``variables`` (default:
-        this encoder's) are closed over; place them replicated on the mesh
-        first (:func:`clrjax.parallel.replicate`) for data-parallel extraction.
+        With ``preprocess`` the images are uint8 and get
+        :func:`clrjax.data.augment.preprocess_eval` (centre crop to
+        ``augment.crop_size``, ``/255``, per-channel normalisation), the same
+        as the end-of-training evaluation; without, they are float images
+        already preprocessed (the augmented linear protocol). Pass
+        :attr:`variables`, placed replicated on the mesh
+        (:func:`clrjax.parallel.replicate`) for data-parallel extraction.
         """
         module = self.module
         aug_cfg = self.config.augment.to_dict()
-        variables = self.variables if variables is None else variables
 
-        def encode(images):
-            return module.apply(variables, augment.preprocess_eval(images, aug_cfg), train=False)
-        return encode
-
-    def float_encode_fn(self, variables: Optional[Mapping[str, Any]] = None):
-        """``float images (already preprocessed) -> features`` (the augmented linear protocol)."""
-        module = self.module
-        variables = self.variables if variables is None else variables
-        return lambda x: module.apply(variables, x, train=False)
+        def apply(variables, images):
+            x = augment.preprocess_eval(images, aug_cfg) if preprocess else images
+            return module.apply(variables, x, train=False)
+        return apply
 
     def describe(self) -> str:
         step = f" step {self.step}" if self.step is not None else ""
@@ -222,8 +218,14 @@ def checkpoint_step(workdir: str, step: Optional[int] = None) -> Tuple[Checkpoin
     return checkpointer, int(step)
 
 
+# The TrainState entries that hold the encoder; evaluation reads these alone.
+ENCODER_STATE_KEYS = ("params", "batch_stats")
+
+
 def encoder_of_state(state: Mapping[str, Any]) -> Dict[str, Any]:
     """The encoder variables ``{'params', 'batch_stats'}`` of a restored TrainState tree."""
+    if "params" not in state:
+        raise EvalInputError("the checkpoint holds no 'params'; it was not written by experiments/train.py.")
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
     return models.encoder_variables({k: v for k, v in variables.items() if v})
 
@@ -246,7 +248,7 @@ def from_workdir(workdir: str, config=None, step: Optional[int] = None,
             model_cfg = models.resolve_model_config(config.model.to_dict())
         except ValueError as err:
             raise EvalInputError(f"config.model is invalid: {err}") from None
-        state = checkpointer.restore_subtree(step)
+        state = checkpointer.restore_subtree(step, keys=ENCODER_STATE_KEYS)
     finally:
         checkpointer.close()
     variables = encoder_of_state(state)

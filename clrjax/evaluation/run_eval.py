@@ -92,17 +92,21 @@ def subsample(x: np.ndarray, y: np.ndarray, max_examples: int):
     return x[keep], y[keep]
 
 
-def source_features(encode_fn, source, batch_size: int, mesh, progress: bool = False):
+def source_features(encode_fn, variables, source, batch_size: int, mesh, progress: bool = False):
     """(features, labels) of every example of ``source``, sharded over ``mesh``."""
     batch = eval_batch_size(batch_size, mesh.size)
-    return extract_features(encode_fn, pipeline.eval_batches(source, batch), mesh=mesh, progress=progress)
+    return extract_features(encode_fn, pipeline.eval_batches(source, batch), mesh=mesh, progress=progress,
+                            variables=variables)
 
 
-def split_features(encode_fn, config, mesh, *, splits=None, progress: bool = False) -> FeatureSet:
-    """Features of ``config.dataset``'s train and test splits (train capped at ``eval.max_train_examples``)."""
+def split_features(encode_fn, variables, config, mesh, *, splits=None, progress: bool = False) -> FeatureSet:
+    """Features of ``config.dataset``'s train and test splits (train capped at ``eval.max_train_examples``).
+
+    ``encode_fn(variables, uint8 images) -> features``; ``variables`` replicated over ``mesh``.
+    """
     train_source, test_source = splits or load_splits(config)
-    train_x, train_y = source_features(encode_fn, train_source, config.eval.batch_size, mesh, progress)
-    test_x, test_y = source_features(encode_fn, test_source, config.eval.batch_size, mesh, progress)
+    train_x, train_y = source_features(encode_fn, variables, train_source, config.eval.batch_size, mesh, progress)
+    test_x, test_y = source_features(encode_fn, variables, test_source, config.eval.batch_size, mesh, progress)
     train_x, train_y = subsample(train_x, train_y, config.eval.max_train_examples)
     return FeatureSet(train_x, train_y, test_x, test_y, int(train_source.num_classes))
 
@@ -111,7 +115,7 @@ def encoder_features(encoder: FrozenEncoder, mesh=None, *, splits=None, progress
     """:func:`split_features` of a restored encoder, its variables replicated over ``mesh``."""
     mesh = mesh or eval_mesh()
     variables = parallel.replicate(encoder.variables, mesh)
-    return split_features(encoder.encode_fn(variables), encoder.config, mesh, splits=splits, progress=progress)
+    return split_features(encoder.apply_fn(), variables, encoder.config, mesh, splits=splits, progress=progress)
 
 
 # --------------------------------------------------------------------------- protocols on features
@@ -190,12 +194,13 @@ def augmented_linear_result(encoder: FrozenEncoder, mesh=None, *, epochs: int = 
     train_aug = crop_flip_config(aug_cfg)
     variables = parallel.replicate(encoder.variables, mesh)
     probe = linear_probe_augmented(
-        encoder.float_encode_fn(variables), train_batches,
+        encoder.apply_fn(preprocess=False), train_batches,
         pipeline.eval_batches(test_source, eval_batch_size(config.eval.batch_size, mesh.size)),
         num_classes=int(train_source.num_classes), epochs=int(epochs), lr=lr,
         augment_fn=lambda images, index, key: augment.augment_batch(images, index, key, train_aug, 0),
         test_preprocess_fn=lambda images: augment.preprocess_eval(images, aug_cfg),
-        seed=int(config.seed), mesh=mesh, steps_per_epoch=steps_per_epoch, progress=progress)
+        seed=int(config.seed), mesh=mesh, steps_per_epoch=steps_per_epoch, progress=progress,
+        variables=variables)
     loader.close()
     return {"top1": float(probe["top1"]), "top5": float(probe["top5"]),
             "train_loss": float(probe["train_loss"]), "epochs": int(epochs), "lr": lr,
@@ -292,9 +297,9 @@ def _what(info: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- end of training
 
 
-def make_encode_fn(model, variables: Mapping[str, Any], aug_cfg: Mapping[str, Any]):
-    """``uint8 images -> features`` of an SSLModel: eval preprocessing + encoder in inference mode."""
-    def encode(images):
+def make_encode_fn(model, aug_cfg: Mapping[str, Any]):
+    """``(variables, uint8 images) -> features`` of an SSLModel: eval preprocessing + encoder in inference mode."""
+    def encode(variables, images):
         x = augment.preprocess_eval(images, aug_cfg)
         return model.apply(variables, x, train=False, method=model.encode)
     return encode
@@ -302,8 +307,8 @@ def make_encode_fn(model, variables: Mapping[str, Any], aug_cfg: Mapping[str, An
 
 def evaluate_encoder(model, variables, config, mesh) -> dict:
     """``features`` linear probe (top-1/top-5) and kNN (``config.eval.knn_k``) of an SSLModel's encoder."""
-    encode = make_encode_fn(model, parallel.replicate(variables, mesh), config.augment.to_dict())
-    fs = split_features(encode, config, mesh)
+    encode = make_encode_fn(model, config.augment.to_dict())
+    fs = split_features(encode, parallel.replicate(variables, mesh), config, mesh)
     linear = linear_features_result(fs)
     knn = knn_result(fs, tuple(config.eval.knn_k), config.eval.knn_temperature)
     result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "linear_l2": linear["l2"]}

@@ -58,7 +58,7 @@ ENCODER_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 __all__ = [
-    "ENCODER_NAMES", "DTYPES", "ENCODER_DEFAULTS", "resolve_model_config", "build_encoder",
+    "ENCODER_NAMES", "DTYPES", "UnknownModelFieldError", "ENCODER_DEFAULTS", "resolve_model_config", "build_encoder",
     "num_features", "check_input_size", "build_projector", "build_ssl_model",
     "ResNet", "ViT", "SmallCNN", "Projector", "LinearProbe", "SSLModel", "encoder_variables",
 ]
@@ -67,6 +67,10 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # Validation of single fields: each returns the normalised value or raises.
 # ---------------------------------------------------------------------------
+
+class UnknownModelFieldError(ValueError):
+    """A model config names a field its encoder does not take."""
+
 
 def _as_dict(cfg: Any, what: str) -> Dict[str, Any]:
     if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
@@ -138,7 +142,7 @@ def resolve_model_config(model_cfg: Mapping) -> Dict[str, Any]:
     defaults = ENCODER_DEFAULTS[name]
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
-        raise ValueError(f"model config field '{unknown[0]}' is not an option of '{name}'; "
+        raise UnknownModelFieldError(f"model config field '{unknown[0]}' is not an option of '{name}'; "
                          f"valid fields are name, dtype, {', '.join(defaults)}.")
     resolved: Dict[str, Any] = {"name": name, "dtype": dtype}
     for field, default in defaults.items():

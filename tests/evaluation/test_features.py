@@ -92,3 +92,32 @@ def test_progress_line_on_stderr(capsys):
     err = capsys.readouterr().err
     assert "extract_features: batch 2/2, 8 examples" in err
     np.testing.assert_array_equal(feats, 2 * np.ones((8, 2)))
+
+
+def test_variables_passed_as_an_argument_equal_the_closure_and_compile_once(mesh):
+    """The parameters are an argument of the compiled function: same features, no recompilation
+    for new parameter values (a closure would embed them as constants of a new program)."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (21, 6, 6, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 21).astype(np.int32)
+
+    def encode(variables, images):
+        x = images.astype(jnp.float32).reshape(images.shape[0], -1) / 255.0
+        return jnp.tanh(x @ variables["w"])
+
+    compiles = []
+
+    def counted(variables, images):  # traced once per compilation
+        compiles.append(1)
+        return encode(variables, images)
+
+    for seed in (0, 1):
+        variables = {"w": jnp.asarray(rng.normal(size=(108, 4)), jnp.float32)}
+        got, _ = extract_features(counted, make_batches(images, labels, 8), mesh=mesh, progress=False,
+                                  variables=variables)
+        closed, _ = extract_features(lambda im: encode(variables, im), make_batches(images, labels, 8),
+                                     mesh=mesh, progress=False)
+        x = images.reshape(21, -1).astype(np.float64) / 255.0
+        np.testing.assert_allclose(got, np.tanh(x @ np.asarray(variables["w"], np.float64)), atol=1e-5)
+        np.testing.assert_array_equal(got, closed)
+    assert len(compiles) == 1, f"traced {len(compiles)} times for two parameter values"
