@@ -61,6 +61,8 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
+        self._async = async_save
+        self._unconfirmed: Optional[int] = None  # a background save not yet known to have finished
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -82,15 +84,23 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Starts a (possibly async) save; returns whether one was started."""
+        """Starts a (possibly async) save; returns whether one was started.
+
+        Orbax first waits for the previous background save, so its failure
+        surfaces here; the error then names both steps.
+        """
         try:
-            return self._manager.save(
+            started = self._manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                 force=force,
             )
         except Exception as err:  # disk full, permissions, a failed earlier async save...
-            raise self._write_error(step, err) from err
+            earlier = [self._unconfirmed] if self._unconfirmed not in (None, step) else []
+            raise self._write_error(earlier + [step], err) from err
+        if started and self._async:
+            self._unconfirmed = step
+        return started
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
         """Restores ``step`` onto the shardings held by ``abstract_state``'s leaves."""
@@ -149,13 +159,19 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as err:
-            raise self._write_error(self.latest_step(), err) from err
+            raise self._write_error([self._unconfirmed if self._unconfirmed is not None else self.latest_step()],
+                                    err) from err
+        self._unconfirmed = None
 
-    def _write_error(self, step, err) -> CheckpointWriteError:
+    def _write_error(self, steps, err) -> CheckpointWriteError:
+        which = " or ".join(str(s) for s in steps)
+        background = " (the earlier one was still being written in the background)" if len(steps) > 1 else ""
+        intact = [s for s in self.all_steps() if s not in steps]
         return CheckpointWriteError(
-            f"writing the checkpoint of step {step} to {self.directory} failed ({type(err).__name__}: {err}); "
-            f"training stopped so that no progress goes unsaved. Earlier checkpoints are intact "
-            f"(steps {self.all_steps()}). Free disk space or fix permissions, then re-run the same command.")
+            f"writing the checkpoint of step {which}{background} to {self.directory} failed "
+            f"({type(err).__name__}: {err}); training stopped so that no progress goes unsaved. Earlier "
+            f"checkpoints are intact (steps {intact}). Free disk space or fix permissions, then re-run the "
+            "same command.")
 
     def close(self) -> None:
         self._manager.close()

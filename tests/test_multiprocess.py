@@ -3,7 +3,7 @@
 The global batch, augmentations (keyed by global example index), BatchNorm
 statistics and the loss are the same however the devices are split between
 processes, so both runs must log the same losses and end with the same
-parameters; and a checkpoint the 2-process run wrote must resume in 1 process.
+parameters; and a checkpoint written by either must resume in the other.
 """
 import json
 import os
@@ -46,20 +46,29 @@ def finish(proc, what):
     return out
 
 
+def resume_copy(source, target):
+    """``target``: a copy of the finished run ``source`` without its last checkpoint (resumes at 3)."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / str(LAST_STEP))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Workdirs of: 1x8 devices, 2x4 devices, and 1x8 resumed from the 2-process step-3 checkpoint."""
+    """Workdirs of: 1x8 devices, 2x4 devices, 1x8 resumed from the 2-process step-3 checkpoint,
+    and 2x4 resumed from the 1-process step-3 checkpoint."""
     root = tmp_path_factory.mktemp("multiprocess")
-    dirs = {name: root / name for name in ("one", "two", "resumed")}
-    one = one_process(dirs["one"])  # the two runs overlap: most of their time is start-up and compilation
+    dirs = {name: root / name for name in ("one", "two", "resumed", "resumed_in_two")}
+    one = one_process(dirs["one"])  # runs overlap: most of their time is start-up and compilation
     two = two_processes(dirs["two"])
     finish(two, "2 processes x 4 devices")
-    # Resume in 1 process from the checkpoint the 2 processes wrote at step 3.
-    shutil.copytree(dirs["two"], dirs["resumed"])
-    shutil.rmtree(dirs["resumed"] / "checkpoints" / str(LAST_STEP))
-    resumed_out = finish(one_process(dirs["resumed"]), "1-process resume of the 2-process checkpoint")
     finish(one, "1 process x 8 devices")
-    return dirs, resumed_out
+    resume_copy(dirs["two"], dirs["resumed"])
+    resume_copy(dirs["one"], dirs["resumed_in_two"])
+    resumed = one_process(dirs["resumed"])
+    resumed_in_two = two_processes(dirs["resumed_in_two"])
+    outputs = {"resumed": finish(resumed, "1-process resume of the 2-process checkpoint"),
+               "resumed_in_two": finish(resumed_in_two, "2-process resume of the 1-process checkpoint")}
+    return dirs, outputs
 
 
 def logged(workdir):
@@ -105,12 +114,15 @@ def test_two_processes_end_with_the_same_parameters(runs):
     assert_same_state(one["opt_state"], two["opt_state"])
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(runs):
-    dirs, resumed_out = runs
-    assert "Resumed from step 3" in resumed_out
-    resumed, one = restore_on_host(dirs["resumed"]), restore_on_host(dirs["one"])
+@pytest.mark.parametrize("name", ["resumed", "resumed_in_two"])
+def test_a_checkpoint_resumes_with_another_process_count(runs, name):
+    """2 -> 1 and 1 -> 2 processes: same data position, RNG and optimizer state, so the
+    run continues as if never interrupted."""
+    dirs, outputs = runs
+    assert "Resumed from step 3" in outputs[name]
+    resumed, one = restore_on_host(dirs[name]), restore_on_host(dirs["one"])
     assert int(resumed["step"]) == LAST_STEP
-    # Same data position, RNG and optimizer state: it continues as if never interrupted.
     assert_same_state(one["params"], resumed["params"])
-    np.testing.assert_allclose(logged(dirs["resumed"])[LAST_STEP]["loss"], logged(dirs["one"])[LAST_STEP]["loss"],
+    assert_same_state(one["opt_state"], resumed["opt_state"])
+    np.testing.assert_allclose(logged(dirs[name])[LAST_STEP]["loss"], logged(dirs["one"])[LAST_STEP]["loss"],
                                rtol=1e-5)

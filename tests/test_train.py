@@ -156,6 +156,39 @@ def test_checkpoint_write_failure_stops_and_keeps_earlier_checkpoints(tmp_path, 
     assert result.steps_run == 4 and int(result.state.step) == 6
 
 
+def test_background_save_failure_surfaces_and_the_run_resumes(tmp_path, monkeypatch):
+    """An async save that fails in the background: its error surfaces at the next save (Orbax
+    waits for the previous save first), names the step, and the same command resumes."""
+    import errno
+    import orbax.checkpoint as ocp
+    from clrjax import checkpoint as ckpt_lib
+
+    original_save, original_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+    started = []
+
+    def save(self, step, *args, **kwargs):
+        result = original_save(self, step, *args, **kwargs)
+        started.append(step)
+        return result
+
+    def wait_reporting_a_failed_write(self):
+        original_wait(self)
+        if 4 in started:  # the write of step 4 "failed" in the background thread
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_reporting_a_failed_write)
+    config = tiny_config("simclr", num_steps=6, **{"checkpoint.async_save": True, "checkpoint.every_steps": 2})
+    with pytest.raises(ckpt_lib.CheckpointWriteError, match="No space left on device") as err:
+        train.train(config, str(tmp_path))
+    message = str(err.value)
+    assert "step 4 or 6 (the earlier one was still being written in the background)" in message, message
+    assert "intact (steps [2])" in message and "re-run the same command" in message
+    monkeypatch.undo()
+    result = train.train(config, str(tmp_path))  # resumes from an intact checkpoint, finishes
+    assert int(result.state.step) == 6 and result.steps_run in (2, 4)
+
+
 def test_periodic_knn_is_logged(tmp_path):
     from clrjax import metrics as metrics_lib
 
