@@ -11,6 +11,7 @@ it, and a distinct exit status (no traceback):
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -40,9 +41,23 @@ def flag_error_text(err: Exception) -> str:
     return " ".join(lines)
 
 
+def config_file_arg(argv) -> str | None:
+    """The FILE of ``--config=FILE[:ARG]`` (or ``--config FILE[:ARG]``) in ``argv``, if any."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg[len("--config="):].partition(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].partition(":")[0]
+    return None
+
+
 def parse_flags(argv):
     """absl flag parsing (``app.run(main, flags_parser=parse_flags)``) whose config errors end
     in one line and exit 3 instead of a traceback."""
+    path = config_file_arg(argv[1:])
+    if path is not None and not os.path.isfile(path):
+        fail("config error", f"the config file {path!r} does not exist (relative to {os.getcwd()}); "
+             "pass e.g. --config=configs/simclr.py:digits.")
     try:
         remaining = flags.FLAGS(argv)
         # ml_collections defers a config file's load errors to the config's first use.

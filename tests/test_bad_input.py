@@ -411,7 +411,7 @@ CASES = [
          "exit 3", "unknown preset 'mnist'; use one of digits"),
     Case("cli_missing_config_file", "missing config file on the command line", "--config=configs/nope.py:digits",
          lambda c: run_cli("--config=configs/nope.py:digits", f"--workdir={c.fresh_workdir()}"),
-         "exit 3", "No such file or directory: 'configs/nope.py'"),
+         "exit 3", "config error: the config file 'configs/nope.py' does not exist (relative to "),
     Case("cli_bad_value_on_saved_run", "bad value, CLI, on a finished run", "--config.loss.temperature=0",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.saved_run()}", "--config.loss.temperature=0.0"),
          "exit 3", "[process 0] config error: config.loss.temperature is 0.0 but must be a positive number"),
