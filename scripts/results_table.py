@@ -12,7 +12,9 @@ of the pretrained encoder and of the *same* encoder at its random initialisation
 ``clrjax.train.init_train_state``), next to the linear probe (and kNN-20) on raw pixels
 (flattened, /255; the probe standardises them and selects l2 the same way). Raw pixels are
 computed once per dataset and skipped above 4,096 values per image (a linear probe on
-ImageNet pixels is not a meaningful baseline and would not fit in memory).
+ImageNet pixels is not a meaningful baseline and would not fit in memory). Runs whose random
+initialisations are identical (the same seed and encoder under different methods; compared by a
+SHA-256 of the weights) share one evaluation of it.
 Training time: ``elapsed_s`` of metrics.jsonl if the trainer logs it, else the sum over logged
 intervals of steps x batch / images_per_sec (includes compilation; marked "≈").
 Prints the table, the command that produced it, and where each run's config is.
@@ -55,6 +57,20 @@ def random_init_encoder(encoder):
     state = train.init_train_state(train.build_experiment(encoder.config, mesh=mesh, num_processes=1))
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     return dataclasses.replace(encoder, variables=models.encoder_variables(variables), step=0)
+
+
+def variables_digest(variables) -> str:
+    """SHA-256 of a variables pytree: every leaf's path, dtype, shape and bytes."""
+    import hashlib
+
+    import jax
+
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 def raw_pixel_features(config):
@@ -113,8 +129,8 @@ def format_duration(seconds: Optional[float], estimated: bool) -> str:
 # --------------------------------------------------------------------------- one run, the table
 
 
-def evaluate_run_dir(workdir: str, shots: int, seeds: int, raw_cache: dict, progress: bool) -> dict:
-    """Every number of one table row."""
+def evaluate_run_dir(workdir: str, shots: int, seeds: int, cache: dict, progress: bool) -> dict:
+    """Every number of one table row; ``cache`` keeps results other rows can share."""
     from clrjax.evaluation import restore, run_eval
 
     encoder = restore.from_workdir(workdir)
@@ -125,15 +141,21 @@ def evaluate_run_dir(workdir: str, shots: int, seeds: int, raw_cache: dict, prog
     seconds, estimated = training_seconds(workdir, int(config.batch_size))
     row["train_seconds"], row["train_seconds_estimated"] = seconds, estimated
     row["pretrained"] = table_metrics(run_eval.encoder_features(encoder, mesh, progress=progress), shots, seeds)
-    random_fs = run_eval.encoder_features(random_init_encoder(encoder), mesh, progress=progress)
-    row["random_init"] = table_metrics(random_fs, shots, seeds)
+    random_init = random_init_encoder(encoder)
+    # Runs of several methods with one seed and encoder share the random init (projectors
+    # differ, the encoder does not): identical weights and data are evaluated once.
+    key = json.dumps([variables_digest(random_init.variables), config.dataset.to_dict(), config.augment.to_dict(),
+                      config.eval.max_train_examples, shots, seeds], sort_keys=True)
+    if key not in cache:
+        cache[key] = table_metrics(run_eval.encoder_features(random_init, mesh, progress=progress), shots, seeds)
+    row["random_init"] = cache[key]
     key = json.dumps([config.dataset.to_dict(), config.eval.max_train_examples], sort_keys=True)
-    if key not in raw_cache:
+    if key not in cache:
         raw = raw_pixel_features(config)
-        raw_cache[key] = None if raw is None else {
+        cache[key] = None if raw is None else {
             "linear_top1": run_eval.linear_features_result(raw)["top1"],
             "knn20_top1": run_eval.knn_result(raw, ks=(20,))["20"]["top1"]}
-    row["raw_pixels"] = raw_cache[key]
+    row["raw_pixels"] = cache[key]
     return row
 
 
@@ -196,8 +218,8 @@ def main(argv=None) -> str:
         restore.load_run_config(workdir)
     command = "python scripts/results_table.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    raw_cache: dict = {}
-    rows = [evaluate_run_dir(w, args.shots, args.seeds, raw_cache, not args.no_progress) for w in args.workdirs]
+    cache: dict = {}
+    rows = [evaluate_run_dir(w, args.shots, args.seeds, cache, not args.no_progress) for w in args.workdirs]
     table = markdown_table(rows, args.shots, args.seeds, command)
     if args.json:
         with open(args.json, "w") as f:

@@ -212,3 +212,13 @@ def test_results_table_on_two_runs(run, tmp_path):
     assert rows[0]["random_init"]["linear_top1"] != rows[0]["pretrained"]["linear_top1"]
     assert rows[0]["raw_pixels"]["linear_top1"] > 0.9  # digits pixels are linearly separable
     assert rows[0]["train_seconds"] > 0 and not rows[0]["train_seconds_estimated"]  # logged elapsed_s
+    # The second row reused the first row's random-init numbers (same digest): check them afresh.
+    random_init = results_table.random_init_encoder(restore.from_workdir(run))
+    fresh = run_eval.linear_features_result(run_eval.encoder_features(random_init))
+    assert rows[1]["random_init"]["linear_top1"] == pytest.approx(fresh["top1"])
+    digest = results_table.variables_digest(random_init.variables)
+    changed = jax.tree.map(np.array, random_init.variables)
+    first = jax.tree_util.tree_leaves(changed)[0]
+    first.flat[0] = np.nextafter(first.flat[0], np.inf)  # one ulp in one weight
+    assert results_table.variables_digest(changed) != digest
+    assert results_table.variables_digest(jax.tree.map(np.array, random_init.variables)) == digest
