@@ -13,6 +13,8 @@ so a checkpoint written on one device/process count resumes on another.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Optional, Sequence, Tuple
 
@@ -21,6 +23,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+# Reading the 'state' item directly (not through the CheckpointManager) makes Orbax
+# look for step metadata inside the item, where it never is: it lives one level up.
+_ITEM_METADATA_WARNING = "Metadata file does not exist"
+
+
+class _DropItemMetadataWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _ITEM_METADATA_WARNING not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata_warning():
+    """Drops that one warning (printed on every evaluation) while an item is read directly."""
+    logger, drop = logging.getLogger("absl"), _DropItemMetadataWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -113,7 +134,8 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"])
 
     def _saved_tree(self, step: int):
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        with _quiet_item_metadata_warning():
+            metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
         return getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
 
     def _check_fits(self, step: int, abstract_state) -> None:
@@ -152,7 +174,9 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "state")
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                       partial_restore=keys is not None)
-        return jax.tree.map(np.asarray, ocp.PyTreeCheckpointer().restore(path, args=args))
+        with _quiet_item_metadata_warning():
+            restored = ocp.PyTreeCheckpointer().restore(path, args=args)
+        return jax.tree.map(np.asarray, restored)
 
     def wait(self) -> None:
         """Blocks until any background save has finished (and raises its error, if any)."""

@@ -100,6 +100,7 @@ def test_knn_cli_writes_json_and_one_line(run, reference):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1 and "k=20" in lines[0] and "knn_eval.json" in lines[0]
+    assert "Metadata file does not exist" not in proc.stderr  # Orbax noise about a normal layout
     saved = json.load(open(os.path.join(run, run_eval.KNN_EVAL_FILE)))["knn"]
     (train_x, train_y), (test_x, test_y) = reference["train"], reference["test"]
     expected = knn_accuracy(train_x, train_y, test_x, test_y, num_classes=10, ks=(20, 200))
