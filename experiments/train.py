@@ -64,21 +64,17 @@ def main(argv):
     stop = _StopFlag()
     stop.install()
     pid = jax.process_index()
+    # Expected failures: one line naming the process, and a distinct exit status (clrjax/cli.py).
+    expected = ((config_lib.ConfigError, "config error", cli.EXIT_BAD_INPUT),
+                (sources.DataError, "data error", cli.EXIT_BAD_INPUT),
+                (train.NonFiniteError, "stopped", cli.EXIT_NONFINITE),
+                (ckpt_lib.CheckpointWriteError, "stopped", cli.EXIT_CHECKPOINT_WRITE))
     try:
         result = train.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value,
                              stop_after_steps=_STOP_AFTER.value, should_stop=stop)
-    except config_lib.ConfigError as err:
-        print(f"[process {pid}] config error: {err}", file=sys.stderr)
-        sys.exit(cli.EXIT_BAD_INPUT)
-    except sources.DataError as err:
-        print(f"[process {pid}] data error: {err}", file=sys.stderr)
-        sys.exit(cli.EXIT_BAD_INPUT)
-    except train.NonFiniteError as err:
-        print(f"[process {pid}] stopped: {err}", file=sys.stderr)
-        sys.exit(cli.EXIT_NONFINITE)
-    except ckpt_lib.CheckpointWriteError as err:
-        print(f"[process {pid}] stopped: {err}", file=sys.stderr)
-        sys.exit(cli.EXIT_CHECKPOINT_WRITE)
+    except tuple(kind for kind, _, _ in expected) as err:
+        label, status = next((label, status) for kind, label, status in expected if isinstance(err, kind))
+        cli.fail(f"[process {pid}] {label}", err, status)
     except Exception as err:  # every process reports a fatal error with its id
         print(f"[process {pid}] fatal error: {type(err).__name__}: {err}", file=sys.stderr)
         raise

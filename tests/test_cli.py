@@ -57,3 +57,11 @@ def test_train_cli_model_name_change_points_to_the_encoder_option(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "stem_stride" in proc.stderr and ",encoder=resnet18" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_cli_non_finite_exits_4_with_one_line(tmp_path):
+    # An absurd learning rate makes the parameters non-finite after the first update.
+    proc = run_cli(tmp_path / "nan", "--config.optimizer.lr=1e30", "--config.nonfinite.policy=stop")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "[process 0] stopped: non-finite values at step" in proc.stderr
+    assert "Traceback" not in proc.stderr
