@@ -52,13 +52,14 @@ class CheckpointMismatchError(ValueError):
     """The saved state's structure or shapes differ from the state this run builds."""
 
 
-def _path_name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+def _path_name(path, sep: str) -> str:
+    return sep.join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _leaf_shapes(tree) -> dict:
+def leaf_shapes(tree, sep: str = ".") -> dict:
+    """``{'params<sep>conv_0<sep>kernel': shape, ...}`` of arrays, ShapeDtypeStructs or Orbax metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_name(p): tuple(x.shape) for p, x in leaves}
+    return {_path_name(p, sep): tuple(x.shape) for p, x in leaves}
 
 
 class Checkpointer:
@@ -140,7 +141,7 @@ class Checkpointer:
 
     def _check_fits(self, step: int, abstract_state) -> None:
         """Names the leaves whose presence or shape differ, before Orbax fails obscurely."""
-        saved, wanted = _leaf_shapes(self._saved_tree(step)), _leaf_shapes(abstract_state)
+        saved, wanted = leaf_shapes(self._saved_tree(step)), leaf_shapes(abstract_state)
         problems = [f"{k}: absent from the checkpoint" if k not in saved else
                     f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} now"
                     for k in wanted if saved.get(k) != wanted[k]]

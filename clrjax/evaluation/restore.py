@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from clrjax import config as config_lib, export as export_lib, models
-from clrjax.checkpoint import Checkpointer
+from clrjax.checkpoint import Checkpointer, leaf_shapes
 from clrjax.data import augment, sources
 
 CONFIG_FILE = "config.json"
@@ -148,12 +148,7 @@ def expected_variable_shapes(model_cfg: Mapping, input_shape: Sequence[int]) -> 
     module = models.build_encoder(model_cfg)
     dummy = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
     shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), dummy)
-    return _flat_shapes(shapes)
-
-
-def _flat_shapes(tree: Mapping) -> Dict[str, Tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf)) for path, leaf in leaves}
+    return leaf_shapes(dict(shapes), sep="/")
 
 
 def check_variables_fit(model_cfg: Mapping, variables: Mapping, input_shape: Sequence[int], what: str) -> None:
@@ -166,7 +161,7 @@ def check_variables_fit(model_cfg: Mapping, variables: Mapping, input_shape: Seq
     """
     models.check_input_size(model_cfg, tuple(input_shape[:2]))
     expected = expected_variable_shapes(model_cfg, input_shape)
-    got = _flat_shapes(variables)
+    got = leaf_shapes(dict(variables), sep="/")
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     # Kernels first: their shapes say most about the architecture (widths, channels).
