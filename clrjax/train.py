@@ -320,11 +320,9 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     returns True the loop saves and returns with ``stopped_early``.
     """
     main = parallel.is_main_process()
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    # A bad config fails before the workdir is created (build_experiment validates again; cheap).
-    config_lib.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
-    _check_workdir_writable(workdir)
+    # build_experiment validates the config first: a bad config fails before the workdir is created.
     exp = build_experiment(config, mesh)
+    _check_workdir_writable(workdir)
     check_resume_config(workdir, config, allow_config_change)
 
     state = init_train_state(exp)
