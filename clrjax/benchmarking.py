@@ -37,14 +37,18 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from clrjax import config as config_lib
-from clrjax import losses, parallel, train
+from clrjax import methods as methods_lib, parallel, train
 from clrjax.data import augment, pipeline
 
 # Dense (no sparsity) bf16 peak per JAX device, TFLOP/s, from the vendors' documents:
-#   NVIDIA H100 SXM 989.4 and H100 PCIe 756 (H100 datasheet; it lists 1,979 / 1,513 with
-#   sparsity), H200 SXM 989.4 (H200 datasheet), A100 312 (A100 datasheet);
-#   Cloud TPU docs, per chip: v4 275, v5e ("TPU v5 lite") 197, v5p ("TPU v5") 459,
-#   v6e ("TPU v6 lite") 918; v3 123 per chip = 61.5 per TensorCore (each core is one device).
+#   NVIDIA H100 SXM 989.4 and H100 PCIe 756 (NVIDIA H100 Tensor Core GPU datasheet: "BFLOAT16
+#   Tensor Core 1,979 / 1,513 teraFLOPS", footnoted "with sparsity"; dense is half);
+#   H200 SXM 989.4 (NVIDIA H200 Tensor Core GPU datasheet: 1,979 with sparsity; the same GH100
+#   compute as the H100 SXM, only the memory differs); A100 312 (NVIDIA A100 datasheet:
+#   "BFLOAT16 Tensor Core 312 TFLOPS | 624 TFLOPS*", * with sparsity);
+#   Cloud TPU documentation (system architecture page of each version), bf16 per chip: v4 275,
+#   v5e ("TPU v5 lite") 197, v5p ("TPU v5") 459, v6e ("TPU v6 lite") 918; v3 123 per chip =
+#   61.5 per TensorCore (on v3 each core is one JAX device; on v4 and later one chip is).
 # Matching is by substring of ``device.device_kind.lower()``, longest key first, so
 # "NVIDIA H100 PCIe" finds "h100 pcie" before "h100". Other variants (e.g. H100 NVL)
 # fall back to the generic entry: pass the right peak explicitly (``--peak_tflops``).
@@ -188,6 +192,26 @@ def benchmark_step(config, *, steps: int = 10, warmup: int = 2, mesh=None,
                       compile_s=compile_s)
 
 
+def trace_step(config, mesh=None, lower: bool = True) -> dict:
+    """Builds and lowers (never compiles or runs) the train step of ``config`` at full size.
+
+    What :func:`benchmark_step` does up to its compilation, with abstract parameters: the
+    config is validated, the data source and the model are built, one real batch is read
+    and (``lower=True``) the whole step is traced and lowered. A config, data or shape error
+    therefore shows in seconds on a CPU (``benchmarks/gpu_run.py --check``), not on a GPU.
+    """
+    exp = train.build_experiment(config, mesh)
+    state = jax.eval_shape(lambda: train.init_train_state(exp))
+    batch = _first_batch(exp, config)
+    if lower:
+        train.make_train_step(exp).lower(state, batch)
+    params = getattr(state, "params", state)
+    return {"batch_size": int(config.batch_size), "devices": int(exp.mesh.size),
+            "batch_image_shape": list(batch["image"].shape),
+            "parameters": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
+            "steps_per_epoch": int(exp.steps_per_epoch), "total_steps": int(exp.total_steps)}
+
+
 def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> dict:
     """Images/s of the host loader alone, and of host loader + transfer + on-device augmentation.
 
@@ -239,9 +263,9 @@ def benchmark_losses(methods: Sequence[str], batch_sizes: Iterable[int], dims: I
     batch_sizes, dims = list(batch_sizes), list(dims)
     rows = []
     for method_name in methods:
-        method = losses.get_method(method_name)
+        method = methods_lib.get(method_name)
         base = dict((loss_overrides or {}).get(method_name, {}))
-        takes_impl = "impl" in losses.loss_kwarg_names(method_name)
+        takes_impl = "impl" in method.loss_kwarg_defaults()
         variants = [dict(base, impl=i) for i in impls] if takes_impl and "impl" not in base else [base]
         for kwargs in variants:
             for n in batch_sizes:
@@ -259,21 +283,24 @@ def benchmark_losses(methods: Sequence[str], batch_sizes: Iterable[int], dims: I
 
 
 def _loss_row(method, kwargs, n, d, mesh, steps, warmup) -> dict:
-    def per_shard(z_a, z_b, state):
-        loss, _, _ = method.apply(z_a, z_b, state, axis_name=parallel.DATA_AXIS, **kwargs)
+    """One method's per-shard loss over random two-view embeddings [n, 2, d] and 10-class labels."""
+    def per_shard(z, batch, state):
+        loss, _, _ = method.loss({"embeddings": z}, batch, state, axis_name=parallel.DATA_AXIS, **kwargs)
         return loss
 
-    sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(parallel.DATA_AXIS),) * 2 + (P(),),
-                            out_specs=P())
-    grad_fn = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))
-    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    rows = P(parallel.DATA_AXIS)
+    sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(rows, rows, P()), out_specs=P())
+    grad_fn = jax.jit(jax.value_and_grad(sharded))
+    key_z, key_y = jax.random.split(jax.random.PRNGKey(0))
     sharding = parallel.batch_sharding(mesh)
-    z_a = jax.device_put(jax.random.normal(key_a, (n, d), jnp.float32), sharding)
-    z_b = jax.device_put(jax.random.normal(key_b, (n, d), jnp.float32), sharding)
-    state = parallel.replicate(method.init_state(d), mesh)
-    compiled = grad_fn.lower(z_a, z_b, state).compile()
+    z = jax.device_put(jax.random.normal(key_z, (n, 2, d), jnp.float32), sharding)
+    batch = jax.device_put({"label": jax.random.randint(key_y, (n,), 0, 10), "index": jnp.arange(n)}, sharding)
+    state_config = config_lib.base_config()
+    state_config.projector.out_dim = d
+    state = parallel.replicate(method.init_state(state_config, {}), mesh)
+    compiled = grad_fn.lower(z, batch, state).compile()
     cost = compiled_cost(compiled)
-    times = time_calls(lambda: compiled(z_a, z_b, state), steps, warmup)
+    times = time_calls(lambda: compiled(z, batch, state), steps, warmup)
     return {"method": method.name, "N": n, "d": d, "devices": mesh.size,
             "median_s": statistics.median(times), "flops_per_device": cost["flops"],
             "temp_bytes_per_device": cost["temp_size_in_bytes"], **{f"loss.{k}": v for k, v in kwargs.items()}}

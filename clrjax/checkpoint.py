@@ -152,10 +152,6 @@ class Checkpointer:
                 f"the checkpoint of step {step} in {self.directory} does not fit this run's train state "
                 f"({'; '.join(problems[:3])}{more})")
 
-    def restore_meta(self, step: int) -> dict:
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
-
     def restore_subtree(self, step: int, keys: Optional[Sequence[str]] = None) -> Any:
         """The saved state, or its top-level ``keys`` alone, as host numpy arrays (eval, export).
 

@@ -9,6 +9,7 @@ the fix.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import math
 import os
@@ -16,11 +17,6 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-METHODS = ("simclr", "barlow_twins", "vicreg", "tico")
-DATASETS = (
-    "digits", "fashion_mnist", "synthetic",
-    "cifar10", "cifar100", "stl10", "imagenette", "imagenet2012",
-)
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -33,7 +29,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """All fields with their defaults. Method configs override what they need."""
     c = ml_collections.ConfigDict()
-    c.method = "simclr"              # one of METHODS: which loss trains the encoder
+    c.method = "simclr"              # a registered method (clrjax.methods) or the module path of one
     c.loss = ml_collections.ConfigDict()  # keyword arguments of the method's loss (see clrjax.losses)
     c.seed = 0                       # seeds initialisation, data order and augmentations
     c.batch_size = 256               # global batch (images per step, each seen as 2 views)
@@ -42,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 20           # console line, metrics.jsonl and TensorBoard every N steps
 
     c.dataset = ml_collections.ConfigDict()  # which images, from where
-    c.dataset.name = "digits"        # one of DATASETS
+    c.dataset.name = "digits"        # a registered dataset (clrjax.data.datasets)
     c.dataset.data_dir = ""          # IDX dir (fashion_mnist) or TFDS data_dir; "" = default
     c.dataset.train_split = "train"  # split used for pretraining and probe training
     c.dataset.test_split = "test"    # split used for evaluation
@@ -102,16 +98,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()  # evaluation of the frozen encoder
     c.eval.final = True              # after training: linear probe + kNN of the frozen encoder
     c.eval.compare_random_init = True  # also evaluate the same encoder at initialisation
-    c.eval.knn_every_steps = 0       # periodic kNN on the test split during training; 0 = off
     c.eval.knn_k = (20, 200)         # k values of the weighted kNN (Wu et al. 2018)
     c.eval.knn_temperature = 0.07    # kNN weight temperature (Wu et al. 2018)
     c.eval.batch_size = 512          # feature-extraction batch size
     c.eval.max_train_examples = 0    # cap probe training set size (0 = whole split)
 
+    c.evals = _periodic_evals_config()  # evaluators run during training (clrjax/evaluation/periodic.py)
+
     c.nonfinite = ml_collections.ConfigDict()  # what a NaN/Inf loss or gradient does
     c.nonfinite.policy = "stop"      # stop: stop at the first non-finite step; skip: drop that update
     c.nonfinite.max_consecutive_skips = 10  # with policy=skip, stop after this many skips in a row
     return c
+
+
+def _periodic_evals_config() -> ml_collections.ConfigDict:
+    """``evals.<name>.every_steps`` (0 = off) and the options of every registered evaluator."""
+    from clrjax.evaluation.periodic import EVALUATORS  # the evaluator registry owns the options
+
+    evals = ml_collections.ConfigDict()
+    for name in EVALUATORS.names():
+        evals[name] = ml_collections.ConfigDict(dict(every_steps=0, **EVALUATORS.get(name).options))
+    return evals
 
 
 # --------------------------------------------------------------------------- validation
@@ -164,10 +171,8 @@ def _check_probability(field: str, value: Any) -> None:
                   f"set --config.{field} to values between 0 and 1")
 
 
-def _check_loss_kwargs(config) -> None:
-    from clrjax import losses  # local: keeps `import clrjax.config` light
-
-    accepted = set(losses.loss_kwarg_names(config.method))
+def _check_loss_kwargs(config, method) -> None:
+    accepted = set(method.loss_kwarg_defaults())
     for key in config.loss:
         if key not in accepted:
             _fail(f"loss.{key}", f"is not an argument of the {config.method} loss",
@@ -189,12 +194,14 @@ def validate_config(config, *, num_devices: Optional[int] = None,
       ConfigError: naming the offending field and how to fix it.
     """
     check_known_keys(config, base_config())
-    _check_choice("method", config.method, METHODS)
-    _check_choice("dataset.name", config.dataset.name, DATASETS)
+    method = _registered("method", config.method, "clrjax.methods", "METHODS")
+    dataset = _registered("dataset.name", config.dataset.name, "clrjax.data.datasets", "DATASETS")
+    _check_splits(config, dataset)
     _check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
     _check_choice("optimizer.lr_scaling", config.optimizer.lr_scaling, LR_SCALING_RULES)
     _check_choice("nonfinite.policy", config.nonfinite.policy, NONFINITE_POLICIES)
-    _check_loss_kwargs(config)
+    _check_loss_kwargs(config, method)
+    _check_evals(config)
 
     if not isinstance(config.batch_size, int) or config.batch_size <= 0:
         _fail("batch_size", f"is {config.batch_size!r} but must be a positive integer",
@@ -230,6 +237,33 @@ def validate_config(config, *, num_devices: Optional[int] = None,
         _fail("batch_size", f"is {config.batch_size}, which {num_processes} processes do not divide",
               f"use a multiple of {num_processes}")
     _check_model(config)
+    method.validate(config)
+
+
+def _registered(field: str, name: Any, module: str, registry: str):
+    """The entry called ``name`` in ``module.registry``; ConfigError listing the known names."""
+    from clrjax.registry import UnknownNameError
+
+    try:
+        return getattr(importlib.import_module(module), registry).get(name)
+    except UnknownNameError as err:
+        _fail(field, f"is {name!r}, which is not supported", err.fix)
+
+
+def _check_splits(config, dataset) -> None:
+    for field in ("train_split", "test_split"):
+        split = config.dataset[field]
+        if dataset.splits and split not in dataset.splits:
+            _fail(f"dataset.{field}", f"is {split!r}, a split {dataset.name} does not have",
+                  f"use one of {', '.join(dataset.splits)}")
+
+
+def _check_evals(config) -> None:
+    for name, evaluator_cfg in config.evals.items():
+        every = evaluator_cfg.get("every_steps", None)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            _fail(f"evals.{name}.every_steps", f"is {every!r} but must be a whole number >= 0",
+                  f"set --config.evals.{name}.every_steps to 0 (off) or an interval in steps")
 
 
 def _check_model(config) -> None:
@@ -264,14 +298,10 @@ def fill_loss_defaults(config) -> None:
     from the command line (``--config.loss.chunk_size=4096``), which
     ml_collections only allows for fields that exist.
     """
-    import inspect
+    from clrjax import methods
 
-    from clrjax import losses
-
-    params = inspect.signature(losses.get_method(config.method).loss_fn).parameters
-    for name in losses.loss_kwarg_names(config.method):
+    for name, default in methods.get(config.method).loss_kwarg_defaults().items():
         if name not in config.loss:
-            default = params[name].default
             # A bare None field cannot be overridden from the command line; a typed
             # placeholder can (the only None default, SimCLR's chunk_size, is an int).
             config.loss[name] = ml_collections.config_dict.placeholder(int) if default is None else default

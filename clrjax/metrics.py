@@ -7,7 +7,8 @@ A run's workdir holds:
   workdir/<name>.json                         anything else (`MetricWriter.write_json`)
 
 Events are written with `tensorboard.summary.Writer`, not clu's writers,
-because clu imports TensorFlow (docs: STACK_NOTES.md). In multi-host runs only
+because clu's `metric_writers` and `periodic_actions` import TensorFlow,
+which training does not otherwise need. In multi-host runs only
 process 0 should write: construct writers with `enabled=jax.process_index() == 0`.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -220,52 +222,109 @@ class ProgressLine:
     first call, which usually includes compilation, only sets the reference
     time and shows no rate. `step` is the number of completed steps.
 
+    Loops that call `update` on every batch (feature extraction, probe
+    training) set `min_interval_s`, so printing never costs measurable time
+    (the rate still counts every call), and `in_place`, so one stderr line is
+    redrawn instead of a line per batch; `close` then prints the final state
+    and ends the line: `extract_features: batch 40/40, 5120 examples | 9,876 img/s | ETA 0s`.
+
     Args:
-      total_steps: steps in the run.
+      total_steps: steps in the run; None when unknown (no ETA is shown).
       enabled: False on non-zero processes: `update` returns None, prints nothing.
       emit: called with each line (default `print`; pass `absl.logging.info`
-        in absl mains to also get it in the log files).
+        in absl mains to also get it in the log files). Not with `in_place`.
       window: number of recent intervals in the moving average.
       clock: seconds as a float (injectable for tests).
+      label: what is counted, e.g. `step` or `extract_features: batch`.
+      min_interval_s: `update` emits nothing (returns None) this soon after
+        the last line it emitted.
+      in_place: redraw a single line on stderr (carriage return).
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True,
+    def __init__(self, total_steps: int | None, enabled: bool = True,
                  emit: Callable[[str], None] | None = None, window: int = 20,
-                 clock: Callable[[], float] = time.monotonic):
-        self.total_steps = int(total_steps)
+                 clock: Callable[[], float] = time.monotonic, *, label: str = "step",
+                 min_interval_s: float = 0.0, in_place: bool = False):
+        if in_place and emit is not None:
+            raise ValueError("ProgressLine: in_place=True writes to stderr itself; do not also pass emit.")
+        self.total_steps = None if total_steps is None else int(total_steps)
         self.enabled = enabled
-        self._emit = emit if emit is not None else (lambda line: print(line, flush=True))
+        self.label = label
+        self.min_interval_s = min_interval_s
+        self._in_place = in_place
+        self._emit = _redraw_stderr_line if in_place else (emit or _print_line)
         self._clock = clock
         self._intervals = collections.deque(maxlen=window)  # (steps, seconds)
         self._last = None  # (step, time) of the previous call
+        self._last_emitted = None  # time of the last line emitted
 
     def seconds_per_step(self) -> float | None:
         steps = sum(s for s, _ in self._intervals)
         return sum(t for _, t in self._intervals) / steps if steps > 0 else None
 
-    def _record(self, step: int) -> None:
+    def _record(self, step: int) -> float:
         now = self._clock()
         if self._last is not None and step > self._last[0]:
             self._intervals.append((step - self._last[0], now - self._last[1]))
         self._last = (step, now)
+        return now
 
-    def update(self, step: int, metrics: Mapping[str, Any], images_per_step: int) -> str | None:
-        """Records the time of `step`, emits the line and returns it (None if disabled)."""
+    def _too_soon(self, now: float) -> bool:
+        return self._last_emitted is not None and now - self._last_emitted < self.min_interval_s
+
+    def update(self, step: int, metrics: Mapping[str, Any], images_per_step: int, *,
+               examples: int | None = None, force: bool = False) -> str | None:
+        """Records the time of `step`, emits the line and returns it (None if disabled or too soon).
+
+        `examples`, if given, is the running count shown after the step;
+        `force` emits even within `min_interval_s`.
+        """
         if not self.enabled:
             return None
         step = int(step)
-        self._record(step)
-        parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{name} {_scalar_to_float(name, v):.4g}" for name, v in metrics.items()]
-        sec_per_step = self.seconds_per_step()
-        if sec_per_step is None or sec_per_step <= 0:
-            parts += ["- img/s", "ETA ?"]
-        else:
-            remaining = max(self.total_steps - step, 0) * sec_per_step
-            parts += [f"{images_per_step / sec_per_step:,.0f} img/s", f"ETA {_format_duration(remaining)}"]
-        line = " | ".join(parts)
+        now = self._record(step)
+        if not force and self._too_soon(now):
+            return None
+        self._last_emitted = now
+        line = self._format(step, metrics, images_per_step, examples)
         self._emit(line)
         return line
+
+    def close(self, step: int, metrics: Mapping[str, Any], images_per_step: int, *,
+              examples: int | None = None) -> str | None:
+        """Emits the final line regardless of `min_interval_s` and ends an `in_place` line."""
+        line = self.update(step, metrics, images_per_step, examples=examples, force=True)
+        if line is not None and self._in_place:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        return line
+
+    def _format(self, step: int, metrics: Mapping[str, Any], images_per_step: int,
+                examples: int | None) -> str:
+        position = f"{self.label} {step}"
+        if self.total_steps is not None:
+            position += f"/{self.total_steps}"
+        if examples is not None:
+            position += f", {examples} examples"
+        parts = [position]
+        parts += [f"{name} {_scalar_to_float(name, v):.4g}" for name, v in metrics.items()]
+        sec_per_step = self.seconds_per_step()
+        has_rate = sec_per_step is not None and sec_per_step > 0
+        parts.append(f"{images_per_step / sec_per_step:,.0f} img/s" if has_rate else "- img/s")
+        if self.total_steps is not None and has_rate:
+            parts.append(f"ETA {_format_duration(max(self.total_steps - step, 0) * sec_per_step)}")
+        elif self.total_steps is not None:
+            parts.append("ETA ?")
+        return " | ".join(parts)
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def _redraw_stderr_line(line: str) -> None:
+    sys.stderr.write("\r" + line)
+    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------

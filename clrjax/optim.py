@@ -281,20 +281,9 @@ def sgd_l2(learning_rate, weight_decay: float = 0.0, momentum: float = 0.9,
 # ---------------------------------------------------------------------------
 # Config -> optimizer
 # ---------------------------------------------------------------------------
-_REQUIRED_FIELDS = ("name", "lr")
-_DEFAULTS = {
-    "lr_scaling": "none",
-    "base_batch": 256,
-    "weight_decay": 0.0,
-    "momentum": 0.9,
-    "nesterov": False,
-    "trust_coefficient": 0.001,
-    "b1": 0.9,
-    "b2": 0.999,
-    "warmup_epochs": 0.0,
-    "end_lr": 0.0,
-    "grad_clip_norm": None,
-}
+# Every field is required: the defaults live in clrjax.config.base_config().optimizer only.
+_FIELDS = ("name", "lr", "lr_scaling", "base_batch", "weight_decay", "momentum", "nesterov",
+           "trust_coefficient", "b1", "b2", "warmup_epochs", "end_lr", "grad_clip_norm")
 
 
 def _as_dict(opt_cfg) -> dict:
@@ -321,16 +310,15 @@ def _check_in_range(cfg, field, lo, hi, hint, lo_open=False, hi_open=False):
 
 def _validated(opt_cfg) -> dict:
     cfg = _as_dict(opt_cfg)
-    unknown = sorted(set(cfg) - set(_REQUIRED_FIELDS) - set(_DEFAULTS))
+    unknown = sorted(set(cfg) - set(_FIELDS))
     if unknown:
         raise ValueError(
-            f"opt_cfg has unknown field(s) {unknown}; remove them (known fields: "
-            f"{sorted(_REQUIRED_FIELDS + tuple(_DEFAULTS))})."
+            f"opt_cfg has unknown field(s) {unknown}; remove them (known fields: {sorted(_FIELDS)})."
         )
-    for field in _REQUIRED_FIELDS:
+    for field in _FIELDS:
         if field not in cfg:
-            raise ValueError(f"opt_cfg.{field} is missing; set it (e.g. name='lars', lr=0.3).")
-    cfg = {**_DEFAULTS, **cfg}
+            raise ValueError(f"opt_cfg.{field} is missing; set it "
+                             "(every field is required, as in clrjax.config.base_config().optimizer).")
     if cfg["name"] not in OPTIMIZER_NAMES:
         raise ValueError(f"opt_cfg.name={cfg['name']!r} is unknown; use one of {OPTIMIZER_NAMES}.")
     if cfg["lr_scaling"] not in LR_SCALING_RULES:
@@ -357,12 +345,13 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """Optimizer and its learning-rate schedule from a config mapping.
 
-    Fields of `opt_cfg` (mapping or ml_collections.ConfigDict; unknown fields
-    are an error):
-      name               'lars' | 'sgd' | 'adamw'                  (required)
-      lr                 base learning rate, before scaling         (required)
+    Fields of `opt_cfg` (mapping or ml_collections.ConfigDict; every one is
+    required and unknown fields are an error; `clrjax.config.base_config()`
+    holds their defaults):
+      name               'lars' | 'sgd' | 'adamw'
+      lr                 base learning rate, before scaling
       lr_scaling         'none' | 'linear' | 'sqrt' (see `scaled_learning_rate`)
-      base_batch         batch of the 'linear' rule (256)
+      base_batch         batch of the 'linear' rule
       weight_decay       L2 in the gradient for lars/sgd, decoupled for adamw;
                          masked by `weight_decay_mask` in all three
       momentum, nesterov lars/sgd momentum

@@ -4,7 +4,7 @@ clrjax trains data-parallel over a one-axis mesh named ``'data'``: the batch
 is sharded over every device of every process, parameters are replicated.
 The mesh uses the Auto axis type on purpose: ``jax.make_mesh`` defaults to
 Explicit axes in recent JAX, under which a matmul over row-sharded activations
-raises ``ShardingTypeError`` (STACK_NOTES).
+raises ``ShardingTypeError`` (seen with jax 0.10).
 """
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the data axis."""
+    if DATA_AXIS not in mesh.axis_names:
+        # Checked here so the error says which axis callers (train step, feature
+        # extraction) need, rather than NamedSharding's resource-axis message.
+        raise ValueError(f"The batch is sharded over the mesh's '{DATA_AXIS}' axis; "
+                         f"this mesh has axes {mesh.axis_names}.")
     return NamedSharding(mesh, P(DATA_AXIS))
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 PRESETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet")
-CONFIG_ARG_OPTIONS = ("encoder",)
+CONFIG_ARG_OPTIONS = ("encoder", "method")
+CPU_PRESETS = ("digits", "fashion_mnist")  # sized for a 2-core CPU; apply_cpu_recipe trains them
 # Below this crop size a ResNet gets the CIFAR stem (3x3 stride 1, no max-pool;
 # SimCLR app. B.9 uses it at 32 px): the ImageNet stem's stride 4 would leave a
 # final feature map of at most 1x1 after the stages' further stride 8.
@@ -28,10 +29,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def parse_preset(arg: str | None, default: str = "digits") -> str:
+    """A preset name, or the name of a registered dataset that has none (its own defaults apply)."""
+    from clrjax.data.datasets import DATASETS
+
     preset = (arg or default).strip()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)} "
-                         "(e.g. --config=configs/simclr.py:digits).")
+    if preset not in PRESETS and preset not in DATASETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)} or a registered "
+                         f"dataset ({', '.join(DATASETS.names())}), e.g. --config=configs/simclr.py:digits.")
     return preset
 
 
@@ -43,7 +47,8 @@ def parse_config_arg(arg: Optional[str], default: str = "digits") -> Tuple[str, 
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not value or key not in CONFIG_ARG_OPTIONS:
             raise ValueError(f"config argument option {item!r} is not understood; the argument is "
-                             f"PRESET[,encoder=NAME], e.g. --config=configs/simclr.py:fashion_mnist,encoder=resnet18.")
+                             f"PRESET[,encoder=NAME], e.g. --config=configs/simclr.py:fashion_mnist,encoder=resnet18 "
+                             f"(configs/default.py also takes method=NAME).")
         if key in options:
             raise ValueError(f"config argument option {key!r} is given twice in {arg!r}.")
         options[key] = value
@@ -59,8 +64,8 @@ def switch_encoder(c, name: str) -> None:
 
     from clrjax import models
 
-    if name not in models.ENCODER_NAMES:
-        raise ValueError(f"encoder={name!r} is not an encoder; use one of {', '.join(models.ENCODER_NAMES)}.")
+    if name not in models.ENCODERS:
+        raise ValueError(f"encoder={name!r} is not an encoder; use one of {', '.join(models.encoder_names())}.")
     c.model = ml_collections.ConfigDict({"name": name, "dtype": c.model.dtype})
     if name.startswith("resnet") and c.augment.crop_size < CIFAR_STEM_BELOW:
         c.model.cifar_stem = True
@@ -83,13 +88,31 @@ def fill_model_defaults(c) -> None:
 def apply_dataset_preset(c, preset: str) -> None:
     """Fills dataset, augment and model fields of config ``c`` for ``preset``.
 
-    Also lists every keyword of ``c.method``'s loss in ``c.loss`` at its default.
+    A registered dataset without a preset gets the base config with the
+    dataset's own ``defaults`` (its registry entry). Also lists every keyword
+    of ``c.method``'s loss in ``c.loss`` at its default.
     """
     from clrjax import config as config_lib  # local: clrjax.config imports nothing from here
 
     config_lib.fill_loss_defaults(c)
-    {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10,
-     "cifar100": _cifar100, "imagenet": _imagenet}[preset](c)
+    presets = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10,
+               "cifar100": _cifar100, "imagenet": _imagenet}
+    if preset in presets:
+        presets[preset](c)
+    else:
+        _registered_dataset(c, preset)
+
+
+def _registered_dataset(c, name: str) -> None:
+    from clrjax.data.datasets import DATASETS
+
+    c.dataset.name = name
+    for dotted, value in DATASETS.get(name).defaults.items():
+        *parents, leaf = dotted.split(".")
+        node = c
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
 
 
 def _small_grayscale_augment(c, crop_size: int, flip_prob: float) -> None:
@@ -112,7 +135,7 @@ def _digits(c) -> None:
     _small_grayscale_augment(c, crop_size=8, flip_prob=0.0)  # mirrored digits are other symbols
     c.augment.mean = (0.27,)           # digits pixel mean in [0, 1] (measured on the train split)
     c.augment.std = (0.38,)            # digits pixel std
-    c.model.name = "cnn_small"         # 4 conv layers 32-64-128-128 (STACK_NOTES: ~1,580 img/s on 2 cores)
+    c.model.name = "cnn_small"         # 4 conv layers 32-64-128-128 (~1,580 img/s train step on 2 CPU cores, measured)
     c.model.widths = (32, 64, 128, 128)  # channel widths of the four conv layers
     c.model.stem_stride = 1            # 8x8 input: no downsampling in the stem
     c.eval.batch_size = 512            # feature-extraction batch
@@ -127,7 +150,7 @@ def _fashion_mnist(c) -> None:
     c.augment.std = (0.353,)           # Fashion-MNIST pixel std
     c.model.name = "cnn_small"
     c.model.widths = (32, 64, 128, 128)
-    c.model.stem_stride = 2            # stride 1 at 28x28 is 10x slower on CPU (STACK_NOTES)
+    c.model.stem_stride = 2            # stride 1 at 28x28 is 10x slower on CPU (measured)
     c.eval.batch_size = 1024
 
 
@@ -171,39 +194,56 @@ def _imagenet(c) -> None:
 def apply_cpu_recipe(c, preset: str) -> None:
     """The training recipe shared by every method on the CPU-sized presets.
 
-    Measured on 2 CPU cores (STACK_NOTES): AdamW 2e-3 at batch 256 trains the
+    Measured on 2 CPU cores: AdamW 2e-3 at batch 256 trains the
     4-layer CNN on digits in about a minute (60 epochs = 300 steps); Fashion-MNIST
     needs ~10 epochs to beat raw pixels. Methods set only projector and loss.
     """
-    if preset not in ("digits", "fashion_mnist"):
+    if preset not in CPU_PRESETS:
         raise ValueError(f"apply_cpu_recipe is for digits and fashion_mnist, not {preset!r}.")
     digits = preset == "digits"
-    c.batch_size = 256                 # STACK_NOTES digits/Fashion-MNIST runs
+    c.batch_size = 256                 # the measured digits/Fashion-MNIST CPU runs
     c.num_epochs = 60.0 if digits else 10.0  # ~1 min on digits; ~10 min on Fashion-MNIST (2 CPU cores)
-    c.optimizer.name = "adamw"         # STACK_NOTES: AdamW works at this scale without LARS
-    c.optimizer.lr = 2e-3              # STACK_NOTES digits run
+    c.optimizer.name = "adamw"         # AdamW works at this scale without LARS (measured)
+    c.optimizer.lr = 2e-3              # measured on digits: ~0.99 linear after 60 s
     c.optimizer.weight_decay = 1e-4    # light decoupled decay
     c.optimizer.warmup_epochs = 5.0 if digits else 1.0  # short linear warmup, then cosine
     c.probe.lr = 1e-2 if digits else 1e-3  # the digits probe sees only ~300 steps
     c.checkpoint.every_steps = 100 if digits else 500
 
 
-def build_config(method: str, arg, recipes: dict, common=None):
+def build_config(method: Optional[str], arg, recipes: Optional[dict] = None, common=None):
     """The ``get_config(arg)`` body shared by ``configs/<method>.py``.
 
     ``arg`` is ``PRESET[,encoder=NAME]`` (:func:`parse_config_arg`).
-    ``recipes`` maps each preset to the method's recipe function; ``common``
-    (optional) sets values the method uses on every preset, before the recipe.
+    ``recipes`` maps presets to the method's recipe functions; a preset the
+    method has no recipe for gets :func:`apply_cpu_recipe` on the CPU-sized
+    presets and the base config's values elsewhere. ``common`` (optional)
+    sets values the method uses on every preset, before the recipe.
+    ``method=None`` (``configs/default.py``) takes the method from the
+    argument's ``method=NAME`` option, so a registered method runs without a
+    config file of its own.
     """
     from clrjax import config as config_lib  # local: clrjax.config imports nothing from here
 
     preset, options = parse_config_arg(arg)
+    if method is None:
+        if "method" not in options:
+            raise ValueError("configs/default.py needs the method in its argument: PRESET,method=NAME, "
+                             "e.g. --config=configs/default.py:digits,method=supcon.")
+        method = options["method"]
+    elif "method" in options:
+        raise ValueError(f"this config file trains {method}; for another method use its own config file "
+                         f"or configs/default.py:{preset},method={options['method']}.")
     c = config_lib.base_config()
     c.method = method
     apply_dataset_preset(c, preset)
     if common is not None:
         common(c)
-    recipes[preset](c)
+    recipe = (recipes or {}).get(preset)
+    if recipe is not None:
+        recipe(c)
+    elif preset in CPU_PRESETS:
+        apply_cpu_recipe(c, preset)
     if "encoder" in options:
         switch_encoder(c, options["encoder"])
     fill_model_defaults(c)

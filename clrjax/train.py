@@ -1,13 +1,17 @@
 """Pretraining: the train state, one jitted step over the device mesh, the loop.
 
-One step (DESIGN.md):
-  * two augmented views per image, on device; each example's randomness is
-    ``fold_in(fold_in(rng, step), global_example_index)`` so nothing depends
-    on how many devices or processes share the batch;
-  * the encoder and projector run under plain ``jax.jit`` on the global,
+The trainer is generic: what runs in a step (networks, views, loss, method
+state, after-update hook) comes from the method (``clrjax.methods``; the
+interface is documented in ``clrjax/methods/base.py``), and this file names
+no method. One step (docs/DESIGN.md):
+  * ``method.num_views`` augmented views per image, on device; each example's
+    randomness is ``fold_in(fold_in(rng, step), global_example_index)`` so
+    nothing depends on how many devices or processes share the batch;
+  * the method's networks run under plain ``jax.jit`` on the global,
     batch-sharded array, so BatchNorm statistics are global-batch statistics;
-  * the loss runs per shard under ``jax.shard_map`` with named-axis
-    collectives (``clrjax.losses``) and returns the global-batch loss;
+  * the method's loss runs per shard under ``jax.shard_map`` with named-axis
+    collectives and returns the global-batch loss, metrics and new state;
+  * the method's ``after_update`` hook sees the new parameters (e.g. an EMA);
   * an online linear probe trains on ``stop_gradient`` features with its own
     optimizer (SimCLR appendix B.6, BYOL appendix C.1);
   * a non-finite loss or gradient never reaches the state: the update is
@@ -33,9 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
-from clrjax import losses, metrics as metrics_lib, models, optim, parallel
+from clrjax import methods, metrics as metrics_lib, optim, parallel
 from clrjax.data import augment, pipeline, sources
-from clrjax.evaluation.knn_monitor import KnnMonitor
 
 
 class NonFiniteError(RuntimeError):
@@ -45,10 +48,10 @@ class NonFiniteError(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array            # completed optimisation steps
-    params: Any                # {'encoder', 'projector', 'probe'}
+    params: Any                # the method's networks, e.g. {'encoder', 'projector', 'probe'}
     batch_stats: Any           # BatchNorm running statistics
-    opt_state: Any             # optax state of the SSL optimizer and the probe's
-    method_state: Any          # e.g. TiCo's running covariance; {} when stateless
+    opt_state: Any             # optax state of each parameter group ('ssl', 'probe')
+    method_state: Any          # the method's own state (e.g. TiCo's covariance); {} when stateless
     rng: jax.Array             # base key; step keys are fold_in(rng, step)
     skips: jax.Array           # consecutive dropped (non-finite) updates
     total_skips: jax.Array     # all dropped updates of the run
@@ -84,14 +87,13 @@ def total_training_steps(config, num_examples: int) -> tuple[int, int]:
     return steps_per_epoch, max(1, int(round(config.num_epochs * steps_per_epoch)))
 
 
-def _param_partition(params) -> dict:
-    """'probe' for the online probe's parameters, 'ssl' for everything else."""
-    return {name: jax.tree.map(lambda _: "probe" if name == "probe" else "ssl", sub)
-            for name, sub in params.items()}
+def build_optimizer(config, steps_per_epoch: int, total_steps: int, method=None):
+    """One optax transform over the method's parameter groups (``method.param_labels``).
 
-
-def build_optimizer(config, steps_per_epoch: int, total_steps: int):
-    """The SSL optimizer on encoder+projector and Adam(W) on the probe, as one optax transform."""
+    'ssl': the configured optimizer and schedule; 'probe': Adam(W) of the
+    online probe; 'frozen': no update and no optimizer state.
+    """
+    method = methods.get(config.method) if method is None else method
     try:
         ssl_tx, schedule = optim.build_optimizer(
             config.optimizer.to_dict(), global_batch=config.batch_size,
@@ -99,7 +101,8 @@ def build_optimizer(config, steps_per_epoch: int, total_steps: int):
     except ValueError as err:
         raise config_lib.ConfigError(str(err).replace("opt_cfg.", "config.optimizer.")) from None
     probe_tx = optax.adamw(config.probe.lr, weight_decay=config.probe.weight_decay)
-    return optax.multi_transform({"ssl": ssl_tx, "probe": probe_tx}, _param_partition), schedule
+    groups = {"ssl": ssl_tx, "probe": probe_tx, "frozen": optax.set_to_zero()}
+    return optax.multi_transform(groups, method.param_labels), schedule
 
 
 def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> Experiment:
@@ -111,10 +114,10 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
     image_shape = tuple(train_source.image_shape)
     _check_channels(config, image_shape)
     steps_per_epoch, total_steps = total_training_steps(config, len(train_source))
-    model = models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(),
-                                   train_source.num_classes)
-    tx, schedule = build_optimizer(config, steps_per_epoch, total_steps)
-    return Experiment(config=config, model=model, method=losses.get_method(config.method), tx=tx,
+    method = methods.get(config.method)
+    model = method.build_model(config, train_source.num_classes)
+    tx, schedule = build_optimizer(config, steps_per_epoch, total_steps, method)
+    return Experiment(config=config, model=model, method=method, tx=tx,
                       schedule=schedule, mesh=mesh, train_source=train_source,
                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                       image_shape=image_shape)
@@ -147,7 +150,7 @@ def init_train_state(exp: Experiment) -> TrainState:
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params,
             batch_stats=variables.get("batch_stats", {}), opt_state=exp.tx.init(params),
-            method_state=exp.method.init_state(config.projector.out_dim),
+            method_state=exp.method.init_state(config, params),
             rng=aug_key, skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
     return jax.jit(init_fn, out_shardings=parallel.replicated(exp.mesh))()
@@ -156,18 +159,18 @@ def init_train_state(exp: Experiment) -> TrainState:
 # --------------------------------------------------------------------------- the step
 
 
-def _views_as_one_batch(view_a, view_b):
-    """[B,...] x 2 -> [2B,...] with the two views of example i at rows 2i, 2i+1.
+def augmented_views(images_u8, example_index, key, aug_cfg, num_views: int):
+    """uint8 [B, H, W, C] -> float32 [B, V, S, S, C]: view v of example b at [b, v].
 
-    Interleaving (rather than concatenating) keeps each device's rows on that
-    device, so the encoder needs no communication beyond BatchNorm's sums.
+    Keeping the views of one example adjacent keeps each device's rows on
+    that device, so the networks need no communication beyond BatchNorm's sums.
     """
-    both = jnp.stack([view_a, view_b], axis=1)
-    return both.reshape((-1,) + view_a.shape[1:])
+    views = [augment.augment_batch(images_u8, example_index, key, aug_cfg, view=v) for v in range(num_views)]
+    return jnp.stack(views, axis=1)
 
 
 def _probe_metrics(logits, labels):
-    """Cross-entropy and accuracy of the online probe on both views."""
+    """Cross-entropy and accuracy of the online probe on every view: logits [B, V, C]."""
     per_view_labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, per_view_labels).mean()
     acc = (jnp.argmax(logits, -1) == per_view_labels).mean()
@@ -185,34 +188,34 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
     loss_kwargs = config_lib.loss_kwargs(config)
     aug_cfg = config.augment.to_dict()
 
-    def per_shard_loss(z_a, z_b, method_state):
-        return method.apply(z_a, z_b, method_state, axis_name=parallel.DATA_AXIS, **loss_kwargs)
+    def per_shard_loss(loss_inputs, batch, method_state):
+        return method.loss(loss_inputs, batch, method_state, axis_name=parallel.DATA_AXIS, **loss_kwargs)
 
-    sharded_loss = jax.shard_map(
-        per_shard_loss, mesh=exp.mesh,
-        in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P()),
-        out_specs=(P(), P(), P()))
+    rows = P(parallel.DATA_AXIS)
+    sharded_loss = jax.shard_map(per_shard_loss, mesh=exp.mesh, in_specs=(rows, rows, P()),
+                                 out_specs=(P(), P(), P()))
 
-    def loss_fn(params, state, views, labels):
+    def loss_fn(params, state, views, batch):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        out, mutated = model.apply(variables, views, train=True, mutable=["batch_stats"])
-        n = labels.shape[0]
-        z = out["embeddings"].reshape(n, 2, -1)
-        ssl_loss, method_state, loss_metrics = sharded_loss(z[:, 0], z[:, 1], state.method_state)
-        probe_loss, probe_acc = _probe_metrics(out["probe_logits"].reshape(n, 2, -1), labels)
-        aux = (mutated["batch_stats"], method_state, loss_metrics, ssl_loss, probe_loss, probe_acc)
+        outputs, batch_stats = method.forward(model, variables, views, state.method_state, train=True)
+        loss_inputs = {k: outputs[k] for k in method.loss_inputs}
+        loss_batch = {"label": batch["label"], "index": batch["index"]}
+        ssl_loss, method_state, loss_metrics = sharded_loss(loss_inputs, loss_batch, state.method_state)
+        probe_loss, probe_acc = _probe_metrics(outputs["probe_logits"], batch["label"])
+        aux = (batch_stats, method_state, loss_metrics, ssl_loss, probe_loss, probe_acc)
         return ssl_loss + probe_loss, aux
 
     def step_fn(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        view_a, view_b = augment.two_views(batch["image"], batch["index"], key, aug_cfg)
-        views = _views_as_one_batch(view_a, view_b)
-        grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, views, batch["label"])
+        views = augmented_views(batch["image"], batch["index"], key, aug_cfg, method.num_views)
+        grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, views, batch)
         batch_stats, method_state, loss_metrics, ssl_loss, probe_loss, probe_acc = aux
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(ssl_loss) & jnp.isfinite(probe_loss) & jnp.isfinite(grad_norm)
-        updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+        params = optax.apply_updates(state.params, updates)
+        method_state = method.after_update(method_state, params, state.step + 1)
+        updated = state.replace(step=state.step + 1, params=params,
                                 batch_stats=batch_stats, opt_state=opt_state,
                                 method_state=method_state, skips=jnp.zeros_like(state.skips))
         dropped = state.replace(step=state.step + 1, skips=state.skips + 1,
@@ -236,7 +239,7 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
 
 # Fields that change how a run is observed or saved but not what it computes:
 # they may differ between a run and its resumption without --allow_config_change.
-OPERATIONAL_FIELDS = ("log_every_steps", "checkpoint", "eval")
+OPERATIONAL_FIELDS = ("log_every_steps", "checkpoint", "eval", "evals")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -289,6 +292,10 @@ class RunResult:
     final_metrics: dict
     steps_run: int
     stopped_early: bool = False
+
+    def initial_state(self) -> TrainState:
+        """The run's state at step 0 (same seed): the random-init baseline of the evaluation."""
+        return init_train_state(self.exp)
 
 
 def _check_workdir_writable(workdir: str) -> None:
@@ -396,8 +403,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
                                   start_step=start)
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
     progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
-    knn_every = config.eval.knn_every_steps
-    knn_monitor = KnnMonitor(exp.model, config) if (knn_every and main) else None
+    evaluation = _periodic_evaluation(exp) if main else None
     policy, max_skips = config.nonfinite.policy, config.nonfinite.max_consecutive_skips
     pending = None          # the previous step's metrics, read one step late so the host never stalls the device
     last_logged, stopped_early = {}, False
@@ -422,11 +428,11 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
                     progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)
                 last_logged = dict(scalars, step=done)
                 t_last, steps_since_log = time.perf_counter(), 0
-            if knn_monitor is not None and (done % knn_every == 0 or done == exp.total_steps):
-                knn = knn_monitor(state)
-                writer.write_scalars(done, knn)
-                logging.info("step %d kNN: %s", done, knn)
-                last_logged.update(knn)
+            if evaluation is not None and evaluation.due(done, exp.total_steps):
+                results = evaluation(encoder_variables_of(state), done, exp.total_steps)
+                writer.write_scalars(done, results)
+                logging.info("step %d evaluation: %s", done, results)
+                last_logged.update(results)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if _agreed_stop(should_stop, done, config.log_every_steps) or checkpointer.reached_preemption(done):
                 stopped_early = True
@@ -442,6 +448,20 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
         loader.close()
         writer.close()
     return RunResult(state, exp, last_logged, int(jax.device_get(state.step)) - start, stopped_early)
+
+
+def encoder_variables_of(state: TrainState) -> dict:
+    """The variables the model's ``encode`` reads: params and BatchNorm statistics."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _periodic_evaluation(exp: Experiment):
+    """The ``config.evals`` evaluators of this run, or None when none is on."""
+    from clrjax.evaluation import periodic, run_eval  # local: evaluation is not needed to train
+    if not periodic.enabled(exp.config):
+        return None
+    encode = run_eval.make_encode_fn(exp.model, exp.config.augment.to_dict())
+    return periodic.PeriodicEvaluation(encode, exp.config)
 
 
 def _agreed_stop(should_stop, step: int, every: int) -> bool:

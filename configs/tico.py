@@ -14,7 +14,7 @@ def get_config(arg=None):
 
 def _loss_defaults(c):
     c.loss.beta = 0.9                  # TiCo: covariance momentum beta = 0.9
-    c.loss.rho = 8.0                   # clrjax default; reference implementations use 20 at ImageNet scale
+    c.loss.rho = 8.0                   # lightly's TiCoLoss default; the paper's value per TiCo-pytorch's --rho help
 
 
 def _digits(c):
@@ -43,7 +43,7 @@ def _cifar(c):
 
 
 def _imagenet(c):
-    c.loss.rho = 20.0                  # TiCo reference implementations (TiCo-pytorch, lightly): rho = 20
+    c.loss.rho = 20.0                  # TiCo-pytorch's --rho default (its help: the paper recommends 8; lightly: 8)
     c.batch_size = 4096                # TiCo follows the BYOL/BT ImageNet protocol
     c.num_epochs = 1000.0
     c.projector.hidden_dims = (4096,)  # TiCo reference implementations: 4096 hidden

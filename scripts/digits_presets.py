@@ -14,8 +14,10 @@ import subprocess
 import sys
 import time
 
+from clrjax import methods
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("simclr", "barlow_twins", "vicreg", "tico")
+METHODS = methods.names()  # every registered method
 
 
 def run_method(method: str, root: str) -> dict:

@@ -15,12 +15,30 @@ def _digits(method="simclr"):
     return config_lib.load_config_file(os.path.join(ROOT, "configs", f"{method}.py") + ":digits")
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+METHOD_CONFIG_FILES = [p for p in CONFIG_FILES if os.path.basename(p) != "default.py"]
+
+
+@pytest.mark.parametrize("path", METHOD_CONFIG_FILES, ids=os.path.basename)
 @pytest.mark.parametrize("preset", presets.PRESETS)
 def test_every_preset_of_every_method_validates(path, preset):
     config = config_lib.load_config_file(f"{path}:{preset}")
     config_lib.validate_config(config, num_devices=8)
     assert config.method == os.path.basename(path)[:-3]
+
+
+@pytest.mark.parametrize("method", ["simclr", "supervised", "tests.plugins.ema_cosine"])
+@pytest.mark.parametrize("preset", presets.PRESETS)
+def test_default_config_runs_any_method_on_any_preset(method, preset):
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"default.py:{preset},method={method}"))
+    config_lib.validate_config(config, num_devices=8)
+    assert config.method == method
+
+
+def test_default_config_needs_a_method_and_method_files_refuse_another():
+    with pytest.raises(ValueError, match=r"needs the method in its argument: PRESET,method=NAME"):
+        config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py:digits"))
+    with pytest.raises(ValueError, match=r"this config file trains simclr.*configs/default.py:digits,method=tico"):
+        config_lib.load_config_file(os.path.join(ROOT, "configs", "simclr.py:digits,method=tico"))
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)

@@ -96,7 +96,7 @@ def test_export_from_ssl_model_with_replicated_arrays(tmp_path):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from clrjax.models import build_ssl_model, encoder_variables
     cfg = {"name": "cnn_small", "widths": [4, 8]}
-    model = build_ssl_model(cfg, {"hidden_dims": [8], "out_dim": 4}, num_classes=3)
+    model = build_ssl_model(cfg, {"hidden_dims": [8], "out_dim": 4, "use_bn": True, "last_bn": False}, num_classes=3)
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype(np.float32)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     variables = jax.device_put(random_variables(model, x), NamedSharding(mesh, PartitionSpec()))

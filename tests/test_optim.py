@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from clrjax import optim
+from clrjax.config import base_config
 
 
 # ---------------------------------------------------------------------------
@@ -285,9 +286,15 @@ def test_build_optimizer_schedule_uses_scaled_lr_and_warmup_epochs():
     np.testing.assert_allclose(float(optim.current_learning_rate(schedule, 100)), 0.001, rtol=1e-5)
 
 
+def _config_optimizer(**overrides):
+    """The optimizer fields of clrjax.config.base_config(), the only place defaults live."""
+    return {**base_config().optimizer.to_dict(), **overrides}
+
+
 def test_build_optimizer_accepts_config_dict_and_defaults():
     ml_collections = pytest.importorskip("ml_collections")
-    cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1})
+    cfg = ml_collections.ConfigDict(_config_optimizer(name="sgd", lr=0.1, lr_scaling="none",
+                                                      weight_decay=0.0, warmup_epochs=0.0))
     tx, schedule = optim.build_optimizer(cfg, global_batch=8, total_steps=10, steps_per_epoch=5)
     np.testing.assert_allclose(float(schedule(0)), 0.1, rtol=1e-6)  # no scaling, no warmup
     params = {"w": jnp.ones((2, 2))}
@@ -316,6 +323,9 @@ def test_build_optimizer_rejects_bad_config_naming_the_field(overrides, field):
 def test_build_optimizer_rejects_missing_field_and_bad_step_counts():
     with pytest.raises(ValueError, match="opt_cfg.lr is missing"):
         optim.build_optimizer({"name": "sgd"}, global_batch=8, total_steps=10, steps_per_epoch=5)
+    without_decay = {k: v for k, v in _config_optimizer().items() if k != "weight_decay"}
+    with pytest.raises(ValueError, match="opt_cfg.weight_decay is missing"):  # no library fallback
+        optim.build_optimizer(without_decay, global_batch=8, total_steps=10, steps_per_epoch=5)
     with pytest.raises(ValueError, match="total_steps"):
-        optim.build_optimizer({"name": "sgd", "lr": 0.1}, global_batch=8, total_steps=0,
+        optim.build_optimizer(_config_optimizer(name="sgd", lr=0.1), global_batch=8, total_steps=0,
                               steps_per_epoch=5)

@@ -33,24 +33,6 @@ from typing import Any, Mapping, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-# Defaults: SimCLR appendix A (crop, flip, jitter, grayscale, blur sigma) with
-# BYOL table 6's asymmetric per-view blur and solarisation probabilities.
-DEFAULT_AUGMENT = {
-    "crop_size": 224,              # output side S (ImageNet; 32 for CIFAR)
-    "crop_scale": (0.08, 1.0),     # area fraction of the crop (SimCLR app. A; BYOL table 6)
-    "crop_ratio": (3 / 4, 4 / 3),  # aspect-ratio range w/h of the crop (SimCLR app. A)
-    "flip_prob": 0.5,              # horizontal flip (SimCLR app. A; BYOL table 6)
-    "jitter_strength": 1.0,        # s: brightness/contrast/saturation 0.8s, hue 0.2s (SimCLR app. A)
-    "jitter_prob": 0.8,            # colour jitter applied with this probability (SimCLR; BYOL table 6)
-    "gray_prob": 0.2,              # grayscale probability (SimCLR app. A; BYOL table 6)
-    "blur_prob": (1.0, 0.1),       # per view (BYOL table 6; SimCLR uses 0.5 for both)
-    "blur_sigma": (0.1, 2.0),      # sigma range in pixels of the S x S crop (SimCLR app. A)
-    "solarize_prob": (0.0, 0.2),   # per view (BYOL table 6; SimCLR has no solarisation)
-    "solarize_threshold": 0.5,     # pixels >= threshold (in [0, 1]) become 1 - x (BYOL)
-    "mean": (0.485, 0.456, 0.406),  # per-channel normalisation (ImageNet statistics)
-    "std": (0.229, 0.224, 0.225),
-}
-
 # ITU-R BT.601 luma weights, as in tf.image.rgb_to_grayscale and torchvision.
 LUMA = (0.299, 0.587, 0.114)
 CROP_ATTEMPTS = 10  # candidate crops per image, as in torchvision's RandomResizedCrop
@@ -75,9 +57,15 @@ class AugmentParams:
 
 
 def augment_params(cfg: Mapping[str, Any]) -> AugmentParams:
-    """Reads ``cfg`` (dict or ConfigDict), falling back to :data:`DEFAULT_AUGMENT` per field."""
+    """Reads ``cfg`` (dict or ConfigDict), which must hold every field of :class:`AugmentParams`.
+
+    There are no fallbacks here: the values, with their sources, live in
+    ``clrjax.config.base_config().augment``, the one place defaults are set.
+    """
+    _check_fields_present(cfg)
+
     def get(name):
-        value = cfg[name] if name in cfg else DEFAULT_AUGMENT[name]
+        value = cfg[name]
         return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else value
 
     def per_view(name):
@@ -91,6 +79,13 @@ def augment_params(cfg: Mapping[str, Any]) -> AugmentParams:
         blur_prob=per_view("blur_prob"), blur_sigma=get("blur_sigma"),
         solarize_prob=per_view("solarize_prob"), solarize_threshold=float(get("solarize_threshold")),
         mean=get("mean"), std=get("std"))
+
+
+def _check_fields_present(cfg: Mapping[str, Any]) -> None:
+    missing = [f"augment.{field.name}" for field in dataclasses.fields(AugmentParams) if field.name not in cfg]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing from the augment config; pass every field "
+                         "(as in clrjax.config.base_config().augment).")
 
 
 # --------------------------------------------------------------------------- geometry

@@ -49,7 +49,7 @@ import numpy as np
 import grain
 from grain.experimental import ThreadPrefetchIterDataset
 
-from clrjax.data.pipeline import has_record_source
+from clrjax.data.records import has_record_source
 
 # Length of the (infinite) stream as a grain MapDataset: a finite stand-in
 # that no run reaches.

@@ -47,6 +47,8 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from clrjax.data.records import has_record_source
+
 Batch = Dict[str, np.ndarray]
 
 
@@ -66,11 +68,6 @@ def _check_sharding(global_batch: int, process_index: int, process_count: int) -
         raise ValueError(f"the global batch ({global_batch}) must be a positive multiple of the process count "
                          f"({process_count}) so that every process reads the same number of rows")
     return global_batch // process_count
-
-
-def has_record_source(source) -> bool:
-    """Whether ``source`` exposes a raw record source (``data_source``) and its ``decode`` (TfdsSource)."""
-    return hasattr(source, "data_source") and callable(getattr(source, "decode", None))
 
 
 def _as_int32_counter(values: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ normalisation happen on the device (``clrjax.data.augment``). Images of
 variable size (ImageNet, Imagenette) are decoded and centre-cropped/resized to
 one fixed size on the host, because a device batch needs one shape.
 
-Datasets (``dataset_cfg['name']``):
+Built-in datasets (registered in ``clrjax/data/datasets.py``; each entry is defined at the end of this file):
 
 =============  =====================================================  ==========
 name           source                                                 shape
@@ -46,6 +46,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from clrjax.data.datasets import Dataset
+
 Batch = Dict[str, np.ndarray]
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -61,15 +63,6 @@ SYNTHETIC_DEFAULT_EXAMPLES = {"train": 8192, "test": 1024}
 # repeated, so that e.g. 1M images of 224x224x3 do not need 150 GB of RAM.
 SYNTHETIC_POOL_BYTES = 64 * 2**20
 
-# name -> (TFDS name, fixed image shape or None if variable, num_classes)
-TFDS_DATASETS: Dict[str, Tuple[str, Optional[Tuple[int, int, int]], int]] = {
-    "cifar10": ("cifar10", (32, 32, 3), 10),
-    "cifar100": ("cifar100", (32, 32, 3), 100),
-    "stl10": ("stl10", (96, 96, 3), 10),
-    "imagenette": ("imagenette/320px-v2", None, 10),
-    "imagenet2012": ("imagenet2012", None, 1000),
-}
-DATASETS = ("digits", "fashion_mnist", "synthetic") + tuple(TFDS_DATASETS)
 
 
 class DataError(RuntimeError):
@@ -460,43 +453,69 @@ def _synthetic_shape(dataset_cfg: Mapping[str, Any]) -> Tuple[int, int, int]:
     return (size, size, int(_get(dataset_cfg, "channels", 3)))
 
 
+def _digits_info(dataset_cfg):
+    return (8, 8, 1), 10
+
+
+def _fashion_mnist_info(dataset_cfg):
+    return (28, 28, 1), 10
+
+
+def _load_synthetic(dataset_cfg: Mapping[str, Any], split: str):
+    n = int(_get(dataset_cfg, "num_examples", 0)) or SYNTHETIC_DEFAULT_EXAMPLES.get(split, 1024)
+    split_id = zlib.crc32(split.encode())  # different pixels per split, stable across runs
+    return SyntheticSource(n, _synthetic_shape(dataset_cfg), seed=split_id)
+
+
+def _tfds_dataset(name: str, tfds_name: str, native_shape: Optional[Tuple[int, int, int]],
+                  num_classes: int, doc: str) -> Dataset:
+    """A TFDS array_record dataset; ``native_shape`` None = variable-size images (host resize/crop)."""
+    def load(dataset_cfg, split):
+        return TfdsSource(tfds_name, split, _get(dataset_cfg, "data_dir", ""),
+                          image_size=int(_get(dataset_cfg, "image_size", 0)))
+
+    def info(dataset_cfg):
+        image_size = int(_get(dataset_cfg, "image_size", 0))
+        if image_size:
+            return (image_size, image_size, 3), num_classes
+        return (native_shape or (DEFAULT_VARIABLE_SIZE, DEFAULT_VARIABLE_SIZE, 3)), num_classes
+
+    return Dataset(name, load, info, doc=doc)
+
+
+DIGITS = Dataset("digits", lambda cfg, split: load_digits(split), _digits_info, splits=("train", "test"),
+                 defaults={"augment.crop_size": 8, "augment.mean": (0.27,), "augment.std": (0.38,)},
+                 doc="scikit-learn's 8x8 digits (in the wheel), stratified 80/20 split")
+FASHION_MNIST = Dataset("fashion_mnist", lambda cfg, split: load_fashion_mnist(split, _get(cfg, "data_dir", "")),
+                        _fashion_mnist_info, splits=("train", "test"),
+                        defaults={"augment.crop_size": 28, "augment.mean": (0.286,), "augment.std": (0.353,)},
+                        doc="Fashion-MNIST IDX .gz files in dataset.data_dir")
+SYNTHETIC = Dataset("synthetic", _load_synthetic,
+                    lambda cfg: (_synthetic_shape(cfg), SYNTHETIC_NUM_CLASSES),
+                    doc="deterministic random pixels, for benchmarks")
+CIFAR10 = _tfds_dataset("cifar10", "cifar10", (32, 32, 3), 10, "TFDS cifar10 (array_record)")
+CIFAR100 = _tfds_dataset("cifar100", "cifar100", (32, 32, 3), 100, "TFDS cifar100 (array_record)")
+STL10 = _tfds_dataset("stl10", "stl10", (96, 96, 3), 10, "TFDS stl10 (array_record)")
+IMAGENETTE = _tfds_dataset("imagenette", "imagenette/320px-v2", None, 10, "TFDS imagenette/320px-v2")
+IMAGENET2012 = _tfds_dataset("imagenet2012", "imagenet2012", None, 1000, "TFDS imagenet2012 (manual download)")
+
+
+def _entry(dataset_cfg: Mapping[str, Any]) -> Dataset:
+    from clrjax.data.datasets import DATASETS
+    return DATASETS.get(_get(dataset_cfg, "name", ""))
+
+
 def load_source(dataset_cfg: Mapping[str, Any], split: str):
-    """The source for ``dataset_cfg['name']`` and ``split`` (see the module table).
+    """The source of registered dataset ``dataset_cfg['name']`` for ``split`` (see the module table).
 
     Fields read: name, data_dir, image_size (synthetic side, default 32;
     host crop side for TFDS, default native / 256 for variable-size images),
     num_examples (synthetic; default 8192 train / 1024 other splits),
     channels (synthetic, default 3).
     """
-    name = _get(dataset_cfg, "name", "")
-    data_dir = _get(dataset_cfg, "data_dir", "")
-    if name == "digits":
-        return load_digits(split)
-    if name == "fashion_mnist":
-        return load_fashion_mnist(split, data_dir)
-    if name == "synthetic":
-        n = int(_get(dataset_cfg, "num_examples", 0)) or SYNTHETIC_DEFAULT_EXAMPLES.get(split, 1024)
-        split_id = zlib.crc32(split.encode())  # different pixels per split, stable across runs
-        return SyntheticSource(n, _synthetic_shape(dataset_cfg), seed=split_id)
-    if name in TFDS_DATASETS:
-        tfds_name = TFDS_DATASETS[name][0]
-        return TfdsSource(tfds_name, split, data_dir, image_size=int(_get(dataset_cfg, "image_size", 0)))
-    raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    return _entry(dataset_cfg).load(dataset_cfg, split)
 
 
 def dataset_info(dataset_cfg: Mapping[str, Any]) -> Tuple[Tuple[int, int, int], int]:
     """(image_shape (H, W, C), num_classes) as :func:`load_source` would give, without loading data."""
-    name = _get(dataset_cfg, "name", "")
-    image_size = int(_get(dataset_cfg, "image_size", 0))
-    if name == "digits":
-        return (8, 8, 1), 10
-    if name == "fashion_mnist":
-        return (28, 28, 1), 10
-    if name == "synthetic":
-        return _synthetic_shape(dataset_cfg), SYNTHETIC_NUM_CLASSES
-    if name in TFDS_DATASETS:
-        _, native, num_classes = TFDS_DATASETS[name]
-        if image_size:
-            return (image_size, image_size, 3), num_classes
-        return (native or (DEFAULT_VARIABLE_SIZE, DEFAULT_VARIABLE_SIZE, 3)), num_classes
-    raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    return _entry(dataset_cfg).info(dataset_cfg)

@@ -32,10 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+from clrjax.losses._normalize import l2_normalize
 
 
 def pad_rows(x: np.ndarray, multiple: int, value=0) -> np.ndarray:

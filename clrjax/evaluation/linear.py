@@ -35,7 +35,8 @@ import optax
 import optax.tree_utils as otu
 from jax.sharding import Mesh
 
-from clrjax.evaluation.features import ProgressLine, batch_sharding, extract_features, place_batch
+from clrjax.evaluation.features import batch_progress, extract_features, place_batch
+from clrjax.parallel import batch_sharding
 
 # 1e-6 .. 1e2, one point per decade (CLIP sweeps 1e-6 .. 1e6; on standardised
 # features everything above ~1e2 is the constant, prior-only classifier).
@@ -445,9 +446,9 @@ def linear_probe_augmented(
     base_key = jax.random.key(seed)
 
     head = opt_state = None
-    step = 0
+    step = batch_size = 0
     epoch_losses = []
-    bar = ProgressLine("linear_probe_augmented", total_steps, progress)
+    bar = batch_progress("linear_probe_augmented", total_steps, progress)
     for epoch in range(epochs):
         key = jax.random.fold_in(base_key, epoch)
         # Device scalars, summed once per epoch: a float() per step would
@@ -471,8 +472,9 @@ def linear_probe_augmented(
             head, opt_state, loss = train_step(head, opt_state, variables, batch, key, lr_t)
             epoch_losses.append(loss)
             step += 1
-            bar.update(step, step)
-    bar.close(step, step)
+            batch_size = len(batch["label"])
+            bar.update(step, {}, images_per_step=batch_size)
+    bar.close(step, {}, images_per_step=batch_size)
     if head is None:
         raise ValueError("linear_probe_augmented got no training batches.")
 

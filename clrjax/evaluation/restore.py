@@ -87,10 +87,6 @@ class FrozenEncoder:
             return module.apply(variables, x, train=False)
         return apply
 
-    def describe(self) -> str:
-        step = f" step {self.step}" if self.step is not None else ""
-        return f"{self.origin} {self.path}{step}"
-
 
 # --------------------------------------------------------------------------- configs
 

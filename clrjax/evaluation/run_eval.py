@@ -39,6 +39,7 @@ import numpy as np
 from clrjax import metrics as metrics_lib, parallel
 from clrjax.data import augment, pipeline
 from clrjax.evaluation.features import extract_features
+from clrjax.evaluation import periodic
 from clrjax.evaluation.fewshot import few_shot
 from clrjax.evaluation.knn import knn_accuracy
 from clrjax.evaluation.linear import linear_probe_augmented, linear_probe_features
@@ -49,7 +50,7 @@ LINEAR_EVAL_FILE = "linear_eval.json"
 KNN_EVAL_FILE = "knn_eval.json"
 PROTOCOLS = ("features", "augmented")
 KNN_KS = (20, 200)              # Wu et al. 2018 report k = 200; k = 20 is the common small-k setting
-KNN_TEMPERATURE = 0.07          # Wu et al. 2018, sec. 3.4
+KNN_TEMPERATURE = periodic.KNN_TEMPERATURE  # Wu et al. 2018, sec. 3.4
 FEW_SHOTS = (1, 5, 10, 25)
 FEW_SHOT_SEEDS = 5
 AUGMENTED_EPOCHS = 90           # SimCLR app. B.5: 90 epochs
@@ -330,13 +331,11 @@ def evaluate_run(result, include_random_init: bool = True) -> dict:
     (the splits of the supported evaluation sets fit on one host), and only
     process 0 writes them.
     """
-    from clrjax import train  # local: train imports this package's siblings
-
     exp = result.exp
     local_mesh = eval_mesh()
     report = {"pretrained": evaluate_encoder(exp.model, variables_of(result.state), exp.config, local_mesh)}
     if include_random_init:
-        initial = train.init_train_state(exp)
+        initial = result.initial_state()
         report["random_init"] = evaluate_encoder(exp.model, variables_of(initial), exp.config, local_mesh)
     report["steps"] = int(jax.device_get(result.state.step))
     return report

@@ -5,6 +5,8 @@ nothing at run time.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 IMPLS = ("auto", "replicated", "column_split")
 
 
@@ -62,3 +64,13 @@ def resolve_impl(impl: str, dim: int, n_shards: int, axis_name) -> str:
             f"devices ({n_shards}); use impl='replicated' or a divisible projector width."
         )
     return impl
+
+
+def check_labels(labels, n_local: int) -> None:
+    """Raises ValueError unless ``labels`` is an integer ``[n_local]`` array (one per image)."""
+    shape = getattr(labels, "shape", None)
+    if shape != (n_local,):
+        raise ValueError(f"labels must have shape ({n_local},), one class per image of this shard, "
+                         f"got {shape}; pass batch['label'].")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}; pass integer class ids.")

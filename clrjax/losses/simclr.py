@@ -1,7 +1,7 @@
 """SimCLR NT-Xent loss and its decoupled variant (DCL), exact on any device count.
 
 Math (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
-Representations", eq. 1; official code ``simclr/tf2/objective.py``):
+Representations", eq. 1, averaged over the 2N anchors as in its Algorithm 1):
 
     u = z / ||z||,   s_ik = u_i . u_k,   anchors i = 1..2N (both views),
     l_i  = -s_{i p(i)} / T + log sum_{k != i} exp(s_ik / T),
@@ -10,6 +10,11 @@ Representations", eq. 1; official code ``simclr/tf2/objective.py``):
 where p(i) is the other view of the same image. ``decoupled=True`` is DCL
 (Yeh et al. 2022, "Decoupled Contrastive Learning", eq. 6): the positive also
 leaves the denominator, log sum_{k not in {i, p(i)}} exp(s_ik / T).
+
+Scale: clrjax returns eq. 1's mean over the 2N anchors. The official code
+(``simclr/tf2/objective.py``, ``add_contrastive_loss``) returns
+``loss_a + loss_b``, each a mean over the N anchors of one view: twice this
+value, so its loss curves and gradients are 2x clrjax's.
 
 Parallel layout: shard r owns rows ``r*n : (r+1)*n`` of each view. It forms
 only its own 2n anchor rows against the 2N gathered columns (columns ordered

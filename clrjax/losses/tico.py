@@ -60,8 +60,8 @@ def _check_cov(cov, dim) -> None:
     if getattr(cov, "shape", None) != (dim, dim):
         raise ValueError(
             f"cov must have shape ({dim}, {dim}) to match the embedding dim {dim}, got "
-            f"{getattr(cov, 'shape', type(cov))}; initialise it with get_method('tico')"
-            f".init_state({dim})['cov'] (zeros)."
+            f"{getattr(cov, 'shape', type(cov))}; start from zeros of that shape "
+            "(what clrjax.methods.get('tico').init_state(config, params) gives)."
         )
 
 

@@ -1,14 +1,21 @@
 """VICReg loss, exact on any device count.
 
-Math (Bardes et al. 2022, "VICReg", eq. 1-6; official code
-``facebookresearch/vicreg/main_vicreg.py``, which gathers the full batch):
+Math as in the official code (``facebookresearch/vicreg/main_vicreg.py``,
+``VICReg.forward``, which gathers the full batch); the terms are those of
+Bardes et al. 2022, "VICReg", eq. 1-6, up to the convention noted below:
 
-    inv      = (1 / (N d)) sum_{i, k} (z_a,ik - z_b,ik)^2
+    inv      = (1 / (N d)) sum_{i, k} (z_a,ik - z_b,ik)^2              F.mse_loss
     x        = z - mean_N(z),   std = sqrt(unbiased var_N(z) + eps)   per view
     var_term = mean_k relu(1 - std_a,k) / 2 + mean_k relu(1 - std_b,k) / 2
     cov      = x^T x / (N - 1)                                         [d, d]
     cov_term = sum_{i != j} cov_a,ij^2 / d + sum_{i != j} cov_b,ij^2 / d
     loss     = sim_coeff * inv + std_coeff * var_term + cov_coeff * cov_term
+
+Two conventions for the variance weight. The ``/ 2`` in ``var_term`` comes
+from the official code; the paper's loss weights ``v(Z) + v(Z')`` by mu with
+no halving. clrjax follows the code, so ``std_coeff = 25`` (the code's
+default and the paper's stated mu) is, in the paper's terms, mu = 12.5; the
+paper's formula at mu = 25 is this loss with ``std_coeff = 50``.
 
 The [d, d] covariance is the only expensive part; ``impl`` chooses its layout:
   replicated    local x^T x contributions, psum of the whole [d, d] matrix.
@@ -75,7 +82,8 @@ def vicreg_loss(
 
     Args:
       z_a, z_b: [n_local, d] projector outputs (math in float32).
-      sim_coeff, std_coeff, cov_coeff: term weights (paper: 25, 25, 1).
+      sim_coeff, std_coeff, cov_coeff: term weights (official code and paper: 25, 25, 1);
+        ``std_coeff`` multiplies the halved ``var_term`` (module docstring).
       eps: added to the variance before the sqrt.
       impl: 'auto' | 'replicated' | 'column_split' (see module docstring).
       axis_name: mapped axis name, or None on one device.

@@ -21,6 +21,8 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clrjax.models.encoders import Encoder, as_sizes
+
 DEFAULT_WIDTHS = (32, 64, 128, 128)
 
 
@@ -58,3 +60,21 @@ class SmallCNN(nn.Module):
                              dtype=self.dtype, param_dtype=jnp.float32, name=f"bn_{i}")(x)
             x = nn.relu(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def _check_input(cfg, image_size) -> None:
+    sizes = as_sizes(image_size)
+    minimum = cnn_total_stride(len(cfg["widths"]), cfg["stem_stride"])
+    if min(sizes) < minimum:
+        hint = " or use stem_stride=1" if cfg["stem_stride"] == 2 else ""
+        raise ValueError(f"'{cfg['name']}' downsamples by {minimum}, so images of size {image_size!r} are too "
+                         f"small; use images of at least {minimum}x{minimum}{hint}.")
+
+
+ENCODER = Encoder(
+    name="cnn_small",
+    build=lambda cfg, dtype: SmallCNN(widths=tuple(cfg["widths"]), stem_stride=cfg["stem_stride"], dtype=dtype),
+    defaults={"widths": DEFAULT_WIDTHS, "stem_stride": 1},
+    num_features=lambda cfg: cfg["widths"][-1],
+    check_input=_check_input,
+    doc="conv-BN-ReLU stack for tiny images (CPU-sized runs)")

@@ -26,6 +26,8 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clrjax.models.encoders import Encoder, as_sizes
+
 # Stage depths and block type (basic: expansion 1, bottleneck: expansion 4).
 RESNET_SPECS = {
     18: ((2, 2, 2, 2), "basic"),
@@ -171,3 +173,27 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=jnp.float32,
                         param_dtype=jnp.float32, name="fc")(features)
 
+
+
+def _check_input(cfg, image_size) -> None:
+    sizes = as_sizes(image_size)
+    minimum = resnet_total_stride(cfg["cifar_stem"])
+    if min(sizes) < minimum:
+        hint = "" if cfg["cifar_stem"] else " or set cifar_stem=True for small images"
+        raise ValueError(f"'{cfg['name']}' downsamples by {minimum}, so images of size {image_size!r} are too "
+                         f"small; use images of at least {minimum}x{minimum}{hint}.")
+
+
+def _resnet_entry(depth: int) -> Encoder:
+    return Encoder(
+        name=f"resnet{depth}",
+        build=lambda cfg, dtype: ResNet(depth=depth, cifar_stem=cfg["cifar_stem"],
+                                        width_multiplier=cfg["width_multiplier"],
+                                        zero_init_residual=cfg["zero_init_residual"], dtype=dtype),
+        defaults={"cifar_stem": False, "width_multiplier": 1.0, "zero_init_residual": False},
+        num_features=lambda cfg: resnet_num_features(depth, cfg["width_multiplier"]),
+        check_input=_check_input,
+        doc=f"ResNet-{depth} (torchvision v1.5 layout)")
+
+
+RESNET18, RESNET34, RESNET50 = (_resnet_entry(depth) for depth in (18, 34, 50))

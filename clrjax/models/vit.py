@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clrjax.models.encoders import Encoder, as_sizes
+
 PATCH_SIZE = 16
 # (hidden dim D, depth, heads); MLP dim is 4 D. timm vit_{tiny,small,base}_patch16_224.
 VIT_SPECS = {
@@ -147,3 +149,25 @@ class ViT(nn.Module):
             return features
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                         param_dtype=jnp.float32, name="head")(features)
+
+
+def _check_input(cfg, image_size) -> None:
+    sizes = as_sizes(image_size)
+    if any(s % PATCH_SIZE for s in sizes):
+        raise ValueError(f"'{cfg['name']}' needs an image size divisible by its patch size {PATCH_SIZE}, "
+                         f"got {image_size!r}; resize or crop to e.g. "
+                         f"{max(PATCH_SIZE, PATCH_SIZE * round(min(sizes) / PATCH_SIZE))}.")
+
+
+def _vit_entry(size: str) -> Encoder:
+    dim, depth, heads = VIT_SPECS[size]
+    return Encoder(
+        name=f"vit_{size}",
+        build=lambda cfg, dtype: ViT(dim=dim, depth=depth, num_heads=heads, remat=cfg["remat"], dtype=dtype),
+        defaults={"remat": False},
+        num_features=lambda cfg: dim,
+        check_input=_check_input,
+        doc=f"ViT-{size[0].upper()}/16 (timm layout)")
+
+
+VIT_TINY, VIT_SMALL, VIT_BASE = (_vit_entry(size) for size in ("tiny", "small", "base"))

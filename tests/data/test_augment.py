@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clrjax.config import base_config
 from clrjax.data import augment as A
 
-CFG = dict(A.DEFAULT_AUGMENT, crop_size=12)
+CFG = dict(base_config().augment.to_dict(), crop_size=12)
 KEY = jax.random.key(0)
 
 
@@ -198,3 +199,9 @@ def test_preprocess_eval():
     wide = A.preprocess_eval(random_images(2, 20, 30, 3), CFG)
     assert wide.shape == (2, 12, 12, 3) and wide.dtype == jnp.float32
     np.testing.assert_array_equal(wide, A.preprocess_eval(random_images(2, 20, 30, 3), CFG))
+
+
+def test_missing_field_is_an_error_naming_it():
+    # No library fallback: a default here could disagree with clrjax.config's.
+    with pytest.raises(ValueError, match=r"augment\.crop_size missing"):
+        A.augment_params({name: value for name, value in CFG.items() if name != "crop_size"})

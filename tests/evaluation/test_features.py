@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from clrjax.evaluation.features import extract_features, place_batch, batch_sharding
+from clrjax.evaluation.features import extract_features, place_batch
+from clrjax.parallel import batch_sharding
 
 NUM_DEVICES = 8
 

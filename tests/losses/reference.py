@@ -106,3 +106,4 @@ def collapse_monitors(z):
     sigma = np.linalg.svd(z, compute_uv=False)
     p = sigma / sigma.sum() + 1e-7
     return {"embedding_std": np.mean(np.std(u, axis=0)), "rankme": np.exp(-np.sum(p * np.log(p)))}
+

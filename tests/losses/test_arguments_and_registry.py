@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clrjax import losses
-from clrjax.losses import (METHOD_NAMES, barlow_twins_loss, get_method, loss_kwarg_names,
-                           simclr_loss, tico_loss, vicreg_loss)
+from clrjax import config as config_lib
+from clrjax import losses, methods
+from clrjax.losses import barlow_twins_loss, simclr_loss, tico_loss, vicreg_loss
 from clrjax.losses._validation import resolve_impl
 from tests.losses.cases import assert_close, embeddings
 
@@ -50,24 +50,36 @@ def test_auto_impl_choice():
         resolve_impl("column_split", 1030, 8, "data")
 
 
+def _kwarg_names(name):
+    return tuple(methods.get(name).loss_kwarg_defaults())
+
+
 def test_registry_names_and_errors():
-    assert METHOD_NAMES == ("simclr", "barlow_twins", "vicreg", "tico")
+    assert methods.names() == ("simclr", "barlow_twins", "vicreg", "tico", "supervised")
     with pytest.raises(ValueError, match="simclr, barlow_twins, vicreg, tico"):
-        get_method("byol")
-    assert loss_kwarg_names("simclr") == ("temperature", "decoupled", "chunk_size", "monitors")
-    assert loss_kwarg_names("tico") == ("beta", "rho", "impl", "monitors")
-    assert "lambd" in loss_kwarg_names("barlow_twins")
-    assert {"sim_coeff", "std_coeff", "cov_coeff", "eps"} <= set(loss_kwarg_names("vicreg"))
+        methods.get("byol")
+    assert _kwarg_names("simclr") == ("temperature", "decoupled", "chunk_size", "monitors")
+    assert _kwarg_names("tico") == ("beta", "rho", "impl", "monitors")
+    assert "lambd" in _kwarg_names("barlow_twins")
+    assert {"sim_coeff", "std_coeff", "cov_coeff", "eps"} <= set(_kwarg_names("vicreg"))
     assert losses.simclr_loss is simclr_loss
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_method_apply_matches_loss_fn(name):
+def _state_config(dim):
+    config = config_lib.base_config()
+    config.projector.out_dim = dim
+    return config
+
+
+@pytest.mark.parametrize("name", ["simclr", "barlow_twins", "vicreg", "tico"])
+def test_method_loss_matches_loss_fn(name):
     z_a, z_b = (jnp.float32(z) for z in embeddings(8, 4))
-    method = get_method(name)
-    state = method.init_state(4)
-    loss, new_state, metrics = method.apply(z_a, z_b, state)
-    if method.has_state:
+    method = methods.get(name)
+    state = method.init_state(_state_config(4), {})
+    outputs = {"embeddings": jnp.stack([z_a, z_b], axis=1)}
+    batch = {"label": jnp.zeros(8, jnp.int32), "index": jnp.arange(8)}
+    loss, new_state, metrics = method.loss(outputs, batch, state)
+    if name == "tico":
         assert state["cov"].shape == (4, 4) and not np.any(state["cov"])
         direct_loss, direct_cov, _ = tico_loss(z_a, z_b, state["cov"])
         assert_close(new_state["cov"], direct_cov, 0)

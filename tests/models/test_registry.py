@@ -5,10 +5,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clrjax.models import (ENCODER_NAMES, build_encoder, build_ssl_model, check_input_size,
+from clrjax.models import (build_encoder, encoder_names, build_ssl_model, check_input_size,
                            num_features, resolve_model_config)
 
-@pytest.mark.parametrize("name", ENCODER_NAMES)
+@pytest.mark.parametrize("name", encoder_names())
 def test_num_features_matches_built_encoder(name):
     cfg = {"name": name}
     size = 8 if name == "cnn_small" else 32
@@ -43,12 +43,16 @@ def test_invalid_configs_raise_one_clear_sentence(cfg, match):
 
 def test_invalid_projector_and_num_classes():
     enc = {"name": "cnn_small"}
+    bn = {"use_bn": True, "last_bn": False}
     with pytest.raises(ValueError, match=r"projector config field 'hidden' is unknown.*hidden_dims"):
-        build_ssl_model(enc, {"hidden": [8], "out_dim": 4}, 10)
+        build_ssl_model(enc, {"hidden": [8], "out_dim": 4, **bn}, 10)
     with pytest.raises(ValueError, match=r"'out_dim' must be a positive integer"):
-        build_ssl_model(enc, {"hidden_dims": [8], "out_dim": 0}, 10)
+        build_ssl_model(enc, {"hidden_dims": [8], "out_dim": 0, **bn}, 10)
     with pytest.raises(ValueError, match=r"num_classes"):
-        build_ssl_model(enc, {"hidden_dims": [8], "out_dim": 4}, 0)
+        build_ssl_model(enc, {"hidden_dims": [8], "out_dim": 4, **bn}, 0)
+    # No library default: a missing field is named (the config holds the defaults).
+    with pytest.raises(ValueError, match=r"projector config field 'use_bn' is missing"):
+        build_ssl_model(enc, {"hidden_dims": [8], "out_dim": 4}, 10)
 
 
 @pytest.mark.parametrize("cfg,size", [

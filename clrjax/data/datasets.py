@@ -1,0 +1,62 @@
+"""The dataset registry: ``config.dataset.name`` -> a :class:`Dataset` entry.
+
+An entry owns everything about one dataset that the rest of clrjax needs:
+how to open a split (``load``), the image shape and class count without
+reading data (``info``), what each example yields, and the dataset's own
+config defaults (``defaults``: augmentation statistics, crop size), used
+when a config names a dataset that has no preset of its own
+(``configs/simclr.py:my_dataset``).
+
+Adding a dataset: one module that defines ``DATASET = Dataset(...)`` and one
+line in :data:`DATASETS` (or ``DATASETS.register(...)`` at run time, or its
+module path as ``--config.dataset.name``). ``load(dataset_cfg, split)`` returns
+a random-access source (``len``, ``source[indices] -> {'image': uint8
+[k, H, W, C], 'label': int32 [k]}``, ``image_shape``, ``num_classes``; see
+``clrjax/data/sources.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Tuple
+
+from clrjax.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A registered dataset; see the module docstring.
+
+    Attributes:
+      name: registry name.
+      load: ``(dataset_cfg, split) -> source``.
+      info: ``dataset_cfg -> ((H, W, C), num_classes)`` without reading examples.
+      splits: the split names it has (validated before any data is read); empty = any.
+      yields: the keys every example carries.
+      defaults: dotted config overrides for a dataset without a preset
+        (e.g. ``{'augment.mean': (0.5,), 'augment.crop_size': 28}``).
+      doc: one line for listings and errors.
+    """
+
+    name: str
+    load: Callable[[Mapping[str, Any], str], Any]
+    info: Callable[[Mapping[str, Any]], Tuple[Tuple[int, int, int], int]]
+    splits: Tuple[str, ...] = ()
+    yields: Tuple[str, ...] = ("image", "label")
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    doc: str = ""
+
+
+DATASETS = Registry("dataset", {
+    "digits": "clrjax.data.sources:DIGITS",
+    "fashion_mnist": "clrjax.data.sources:FASHION_MNIST",
+    "synthetic": "clrjax.data.sources:SYNTHETIC",
+    "cifar10": "clrjax.data.sources:CIFAR10",
+    "cifar100": "clrjax.data.sources:CIFAR100",
+    "stl10": "clrjax.data.sources:STL10",
+    "imagenette": "clrjax.data.sources:IMAGENETTE",
+    "imagenet2012": "clrjax.data.sources:IMAGENET2012",
+}, attribute="DATASET")
+
+
+def get(name) -> Dataset:
+    return DATASETS.get(name)

@@ -1,0 +1,144 @@
+"""The method interface: what a method declares, and what the trainer does with it.
+
+A method owns its step's science; the trainer (``clrjax.train``) owns the
+loop, the mesh, checkpointing, the online probe, evaluation and logging, and
+knows no method. One step of the trainer, in terms of this interface::
+
+    views   = [augment(images, view=v) for v in range(method.num_views)]   # [B, V, H, W, C]
+    outputs, batch_stats = method.forward(model, variables, views, method_state, train=True)
+    #         every output has leading axes [B, V]; 'features' and 'probe_logits'
+    #         feed the trainer's online probe, the rest is the method's business
+    loss, method_state, metrics = shard_map(method.loss)(
+        {k: outputs[k] for k in method.loss_inputs}, batch, method_state,
+        axis_name='data', **config.loss)                # per shard, named-axis collectives
+    ... gradients, optimizer (param groups from method.param_labels) ...
+    method_state = method.after_update(method_state, new_params, step)   # e.g. an EMA target
+
+What a method declares (override what differs from the defaults):
+
+==================  ==========================================================
+``name``            registry name (``config.method``)
+``loss_fn``         the plain per-shard loss function; its keyword-only
+                    arguments (except ``axis_name``) are ``config.loss``,
+                    with their defaults
+``num_views``       augmented views per image (each its own augmentation
+                    key; per-view blur/solarisation from ``config.augment``)
+``uses_labels``     the loss reads ``batch['label']`` (SupCon, supervised)
+``loss_inputs``     which model outputs the loss receives (default
+                    ``('embeddings',)``)
+``build_model``     the networks: ``(config, num_classes) -> flax Module``
+                    whose ``__call__(x, train)`` returns a dict with at
+                    least 'features' [n, F] and 'probe_logits' (default:
+                    encoder + projector + online probe, ``SSLModel``)
+``forward``         ``(model, variables, views, state, *, train) ->
+                    (outputs, batch_stats)``: the networks on the views
+                    (default: every view through the model as one batch);
+                    a momentum method runs its target network here
+``init_state``      ``(config, params)``: step-0 method state, a pytree (TiCo's covariance, a
+                    queue, EMA parameters); ``{}`` when stateless. It is
+                    replicated, carried in the train state, checkpointed
+``loss``            ``(outputs, batch, state, *, axis_name, **kw) ->
+                    (loss, new_state, metrics)`` on this shard's rows; loss,
+                    state and metrics must be global (identical on every
+                    shard)
+``after_update``    ``(state, params, step) -> state`` after the optimizer
+                    update (an EMA of the online network)
+``param_labels``    optimizer group of every parameter: 'ssl' (the
+                    method's optimizer), 'probe' (the probe's Adam) or
+                    'frozen' (no update, no optimizer state)
+==================  ==========================================================
+
+The default ``loss`` calls ``loss_fn(z[:, 0], z[:, 1], axis_name=..., **kw)``
+on the two views' embeddings, which is all a two-view method with a
+stateless loss needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, Mapping, Tuple
+
+import jax
+
+PROBE_COLLECTION = "probe"
+PARAM_GROUPS = ("ssl", "probe", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method as the trainer sees it; see the module docstring.
+
+    Subclass and override to change what runs; plain instances suit
+    two-view methods whose loss is ``loss_fn(z_a, z_b, *, axis_name, **kw)``.
+    """
+
+    name: str
+    loss_fn: Callable[..., Any]
+    source: str = ""
+    num_views: int = 2
+    uses_labels: bool = False
+    loss_inputs: Tuple[str, ...] = ("embeddings",)
+
+    # ------------------------------------------------------------ networks and state
+
+    def build_model(self, config, num_classes: int):
+        """Encoder + projector + online probe from ``config.model`` and ``config.projector``."""
+        from clrjax import models  # local: methods are importable without flax models built
+        return models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(), num_classes)
+
+    def init_state(self, config, params) -> Any:
+        """Step-0 method state (replicated pytree) from the config and the initial parameters
+        (a momentum target starts as a copy of them); ``{}`` for a stateless method."""
+        del config, params
+        return {}
+
+    def param_labels(self, params: Mapping[str, Any]) -> Dict[str, Any]:
+        """'probe' for the online probe's parameters, 'ssl' for everything else."""
+        return {name: jax.tree.map(lambda _, n=name: "probe" if n == PROBE_COLLECTION else "ssl", sub)
+                for name, sub in params.items()}
+
+    # ------------------------------------------------------------ the step
+
+    def forward(self, model, variables, views, state, *, train: bool):
+        """views [B, V, H, W, C] -> (outputs with leading [B, V], new batch_stats).
+
+        ``state`` is the method state (e.g. a momentum target's parameters, for
+        methods that run a second network here); the default ignores it.
+
+        All views go through the networks as one batch (rows of example b are
+        adjacent, so each device keeps its own rows and BatchNorm statistics
+        are those of every view of the global batch).
+        """
+        del state
+        b, v = views.shape[:2]
+        flat = views.reshape((b * v,) + views.shape[2:])
+        if train:
+            out, mutated = model.apply(variables, flat, train=True, mutable=["batch_stats"])
+            batch_stats = mutated.get("batch_stats", {})
+        else:
+            out, batch_stats = model.apply(variables, flat, train=False), variables.get("batch_stats", {})
+        return jax.tree.map(lambda x: x.reshape((b, v) + x.shape[1:]), out), batch_stats
+
+    def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
+        """(loss, new_state, metrics) of the global batch from this shard's rows."""
+        del batch
+        z = outputs["embeddings"]
+        loss, metrics = self.loss_fn(z[:, 0], z[:, 1], axis_name=axis_name, **loss_kwargs)
+        return loss, state, metrics
+
+    def after_update(self, state, params, step):
+        """Method state after the optimizer step (identity unless the method keeps e.g. an EMA)."""
+        del params, step
+        return state
+
+    # ------------------------------------------------------------ config
+
+    def loss_kwarg_defaults(self) -> Dict[str, Any]:
+        """Keyword hyperparameters of ``loss_fn`` (excluding axis_name) with their defaults."""
+        params = inspect.signature(self.loss_fn).parameters.values()
+        return {p.name: p.default for p in params
+                if p.kind is p.KEYWORD_ONLY and p.name != "axis_name"}
+
+    def validate(self, config) -> None:
+        """Method-specific config checks; raise ``clrjax.config.ConfigError``. Default: none."""
+        del config

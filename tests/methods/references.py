@@ -1,0 +1,62 @@
+"""Float64 references of every registered method, for the shared method-test harness.
+
+Each entry is ``reference(z, labels, state, kwargs, xp) -> (loss, new_state)``:
+``z`` [N, V, d] are the projector outputs of the V views of the global batch,
+``labels`` [N] its labels, ``state`` the method state before the step, and
+``kwargs`` the method's ``config.loss``. They are written from the papers'
+definitions on the full batch (``tests/losses/reference.py``) and share no
+code with ``clrjax``. A method registered without an entry here fails
+``test_every_method_has_a_reference``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tests.losses import reference
+
+
+def _simclr(z, labels, state, kw, xp):
+    return reference.simclr(z[:, 0], z[:, 1], kw["temperature"], kw["decoupled"], xp=xp), state
+
+
+def _barlow_twins(z, labels, state, kw, xp):
+    return reference.barlow_twins(z[:, 0], z[:, 1], kw["lambd"], kw["eps"], xp=xp)[0], state
+
+
+def _vicreg(z, labels, state, kw, xp):
+    loss, _ = reference.vicreg(z[:, 0], z[:, 1], kw["sim_coeff"], kw["std_coeff"], kw["cov_coeff"],
+                               kw["eps"], xp=xp)
+    return loss, state
+
+
+def _tico(z, labels, state, kw, xp):
+    loss, new_cov, _ = reference.tico(z[:, 0], z[:, 1], state["cov"], kw["beta"], kw["rho"], xp=xp,
+                                      stop_gradient=_stop_gradient(xp))
+    return loss, {"cov": new_cov}
+
+
+def _supervised(z, labels, state, kw, xp):
+    """Mean softmax cross-entropy over the 2N views; label smoothing as Szegedy et al. 2016, sec. 7."""
+    logits = xp.concatenate([z[:, 0], z[:, 1]])
+    targets = np.concatenate([labels, labels])
+    shifted = logits - xp.max(logits, axis=1, keepdims=True)
+    log_p = shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    eps, c = kw["label_smoothing"], logits.shape[1]
+    soft = (1 - eps) * np.eye(c)[targets] + eps / c
+    return -xp.sum(soft * log_p) / logits.shape[0], state
+
+
+def _stop_gradient(xp):
+    if xp is np:
+        return lambda x: x
+    import jax
+    return jax.lax.stop_gradient
+
+
+REFERENCES = {
+    "simclr": _simclr,
+    "barlow_twins": _barlow_twins,
+    "vicreg": _vicreg,
+    "tico": _tico,
+    "supervised": _supervised,
+}

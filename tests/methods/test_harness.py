@@ -1,0 +1,247 @@
+"""The shared method-test harness: every registered method gets the same exactness checks.
+
+A method registers itself (``clrjax/methods/__init__.py``) and its float64
+reference (``tests/methods/references.py``); nothing else is needed for it to
+be checked here:
+
+1. its per-shard loss on one device equals the float64 reference of its
+   definition, in value and new method state, over two consecutive steps
+   (so carried state such as TiCo's covariance is exercised), and in its
+   gradient w.r.t. every embedding;
+2. under ``jax.shard_map`` on 2 and 8 devices the loss, metrics and new
+   state are identical on every shard and equal the one-device values, and
+   so are the gradients w.r.t. every embedding row;
+3. under ``jax.pmap`` (4 devices) each device's value and the pmean of a
+   replicated parameter's gradient equal the one-device ones;
+4. one full train step on 8 devices equals 1 device (parameters, BatchNorm
+   statistics and method state);
+5. a run stopped after 1 and 3 steps and resumed ends bit-identical to an
+   uninterrupted 5-step run (parameters, optimizer and method state).
+
+Tolerances (float32 against float64 or another summation order): values
+1e-5 and gradients 1e-4 relative to the largest entry; parameters after a
+train step 1e-4 relative / 1e-6 absolute; resume: bit-identical.
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from clrjax import config as config_lib, methods, parallel, train
+from clrjax.data import pipeline
+from tests.losses.cases import assert_close
+from tests.methods.references import REFERENCES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+N, D_IN, D = 16, 10, 8       # D = 8: column_split layouts divide it on 8 devices
+NUM_LABELS = 4               # repeated labels: SupCon has several positives per anchor
+VALUE_RTOL, GRAD_RTOL = 1e-5, 1e-4
+METHODS = methods.names()
+
+
+def method_config(name: str):
+    """The method's digits preset: its own config file if it has one, else configs/default.py."""
+    own = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = f"{own}:digits" if os.path.exists(own) else os.path.join(ROOT, "configs", f"default.py:digits,method={name}")
+    return config_lib.load_config_file(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name):
+    """(method, loss kwargs, state config) of a method's digits preset, the embedding dim set to D."""
+    config = method_config(name)
+    config.projector.out_dim = D
+    return methods.get(name), config_lib.loss_kwargs(config), config
+
+
+def _inputs(seed=0):
+    """x [N, 2, D_IN] per-view inputs, W [D_IN, D], labels [N] in NUM_LABELS classes."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, 2, D_IN))
+    x[:, 1] = x[:, 0] + 0.5 * rng.normal(size=(N, D_IN))  # two correlated views
+    w = rng.normal(size=(D_IN, D)) / np.sqrt(D_IN) * np.where(np.arange(D) % 2, 0.5, 2.0)
+    labels = rng.integers(0, NUM_LABELS, size=N).astype(np.int32)
+    return x, w, labels
+
+
+def _batch(labels):
+    return {"label": jnp.asarray(labels), "index": jnp.arange(len(labels), dtype=jnp.int32)}
+
+
+def _run(method, kwargs, z, labels, state, axis_name=None):
+    return method.loss({"embeddings": z}, _batch(labels), state, axis_name=axis_name, **kwargs)
+
+
+def test_every_method_has_a_reference():
+    missing = [name for name in METHODS if name not in REFERENCES]
+    assert not missing, f"register a float64 reference in tests/methods/references.py for {missing}"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_steps_match_float64_reference(name):
+    method, kwargs, config = _setup(name)
+    x, w, labels = _inputs()
+    state32 = method.init_state(config, {})
+    state64 = jax.tree.map(lambda a: np.asarray(a, np.float64), state32)
+    for step in range(2):  # the second step starts from the carried state
+        z = x @ w * (1.0 + 0.1 * step)
+        loss, state32, _ = _run(method, kwargs, jnp.float32(z), labels, state32)
+        ref_loss, state64 = REFERENCES[name](z, labels, state64, kwargs, np)
+        assert_close(loss, ref_loss, VALUE_RTOL, f"{name} loss at step {step}")
+        jax.tree.map(lambda a, b: assert_close(a, b, VALUE_RTOL, f"{name} state"), state32, state64)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_gradient_matches_float64_autodiff_of_reference(name):
+    method, kwargs, config = _setup(name)
+    x, w, labels = _inputs(seed=3)
+    z = x @ w
+    state = method.init_state(config, {})
+    grad32 = jax.grad(lambda v: _run(method, kwargs, v, labels, state)[0])(jnp.float32(z))
+    with jax.enable_x64(True):
+        state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+        grad64 = np.asarray(jax.grad(lambda v: REFERENCES[name](v, labels, state64, kwargs, jnp)[0])(
+            jnp.asarray(z)))
+    assert np.max(np.abs(grad64)) > 1e-4, "the comparison must not be vacuous"
+    assert_close(grad32, grad64, GRAD_RTOL, f"{name} gradient")
+
+
+def _objective(method, kwargs, axis_name):
+    """(W, x, dz, labels, state) -> (loss, (new_state, metrics)); dz are zero row offsets."""
+    def objective(w, x, dz, labels, state):
+        z = jnp.einsum("nvi,id->nvd", x, w) + dz
+        loss, new_state, metrics = method.loss({"embeddings": z}, _batch_local(labels), state,
+                                               axis_name=axis_name, **kwargs)
+        return loss, (new_state, metrics)
+    return objective
+
+
+def _batch_local(labels):
+    return {"label": labels, "index": jnp.zeros_like(labels)}
+
+
+def _arguments(name):
+    method, kwargs, config = _setup(name)
+    x, w, labels = _inputs(seed=1)
+    args = (jnp.float32(w), jnp.float32(x), jnp.zeros((N, 2, D), jnp.float32), jnp.asarray(labels),
+            method.init_state(config, {}))
+    return method, kwargs, args
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device(name):
+    method, kwargs, args = _arguments(name)
+    return jax.jit(jax.value_and_grad(_objective(method, kwargs, None), argnums=(0, 2), has_aux=True))(*args)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+@pytest.mark.parametrize("name", METHODS)
+def test_shard_map_equals_one_device(name, k):
+    method, kwargs, args = _arguments(name)
+    (loss, (state, metrics)), grads = _one_device(name)
+    mesh = Mesh(np.array(jax.devices()[:k]), ("data",))
+    objective = _objective(method, kwargs, "data")
+
+    def per_shard(*a):
+        value, (new_state, shard_metrics) = objective(*a)
+        expose = lambda t: jax.tree.map(lambda v: v[None], t)  # noqa: E731 - every shard's copy
+        return value[None], (expose(new_state), expose(shard_metrics))
+
+    rows = P("data")
+    mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), rows, rows, rows, P()),
+                           out_specs=(rows, (rows, rows)))
+
+    def mean_over_shards(*a):
+        values, aux = mapped(*a)
+        return jnp.mean(values), (values, aux)
+
+    (_, (values, (states, shard_metrics))), shard_grads = jax.jit(jax.value_and_grad(
+        mean_over_shards, argnums=(0, 2), has_aux=True))(*args)
+    np.testing.assert_array_equal(values, np.full(k, values[0]))  # one global value
+    assert_close(values[0], loss, VALUE_RTOL, "loss")
+    for key, value in metrics.items():
+        np.testing.assert_array_equal(shard_metrics[key], np.full(k, shard_metrics[key][0]))
+        assert_close(shard_metrics[key][0], value, 1e-4 if key == "rankme" else VALUE_RTOL, key)
+    jax.tree.map(lambda s, ref: assert_close(s[0], ref, VALUE_RTOL, "state"), states, state)
+    for what, g, sg in zip(("W", "rows of z"), grads, shard_grads):
+        assert np.max(np.abs(g)) > 0
+        assert_close(sg, g, GRAD_RTOL if what == "W" else VALUE_RTOL, what)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_pmap_with_pmean_of_parameter_gradient(name):
+    k = 4
+    method, kwargs, (w, x, dz, labels, state) = _arguments(name)
+    (loss, _), (w_grad, _) = _one_device(name)
+    objective = _objective(method, kwargs, "data")
+
+    def device_step(w, x, dz, labels, state):
+        (value, _), grad = jax.value_and_grad(objective, has_aux=True)(w, x, dz, labels, state)
+        return value, jax.lax.pmean(grad, "data")
+
+    replicate = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + a.shape), t)  # noqa: E731
+    split = lambda a: a.reshape((k, -1) + a.shape[1:])  # noqa: E731
+    values, w_grads = jax.pmap(device_step, axis_name="data", devices=jax.devices()[:k])(
+        replicate(w), split(x), split(dz), split(labels), replicate(state))
+    for device in range(k):
+        assert_close(values[device], loss, VALUE_RTOL, "loss")
+        assert_close(w_grads[device], w_grad, GRAD_RTOL, "W gradient")
+
+
+# --------------------------------------------------------------------------- through the trainer
+
+
+def tiny_config(name, **overrides):
+    """The method's digits preset shrunk to a few milliseconds per step."""
+    base = {
+        "model.widths": (8, 16, 16, 16), "projector.hidden_dims": (32,), "projector.out_dim": 16,
+        "batch_size": 32, "num_steps": 5, "log_every_steps": 1, "checkpoint.every_steps": 100,
+        "checkpoint.async_save": False, "eval.final": False,
+        # SGD keeps float32 round-off differences proportional; Adam's g/sqrt(v) can amplify them.
+        "optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.warmup_epochs": 0.0,
+    }
+    base.update(overrides)
+    return config_lib.apply_overrides(method_config(name), base)
+
+
+def _train_steps(config, num_devices, steps):
+    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    exp = train.build_experiment(config, mesh)
+    state, step_fn = train.init_train_state(exp), train.make_train_step(exp)
+    loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed, prefetch=0)
+    losses = []
+    for _ in range(steps):
+        state, step_metrics = step_fn(state, parallel.host_to_global(train.model_batch(next(loader)), mesh))
+        losses.append(float(step_metrics["loss"]))
+    loader.close()
+    return jax.device_get(state), losses
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_train_step_on_8_devices_equals_1_device(name):
+    config = tiny_config(name)
+    (state8, loss8), (state1, loss1) = _train_steps(config, 8, 1), _train_steps(config, 1, 1)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    for part in ("params", "batch_stats", "method_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     getattr(state8, part), getattr(state1, part))
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state1.params,
+                         jax.device_get(train.init_train_state(train.build_experiment(config))).params)
+    assert max(jax.tree.leaves(moved)) > 0, "the step must change the parameters"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_is_bit_exact(name, tmp_path):
+    # Adam and warmup: everything the checkpoint must carry, method state included.
+    config = tiny_config(name, **{"optimizer.name": "adamw", "optimizer.lr": 1e-3,
+                                  "optimizer.warmup_epochs": 0.05})
+    whole = jax.device_get(train.train(config, str(tmp_path / "whole")).state)
+    for stop in (1, 2, None):
+        resumed = train.train(config, str(tmp_path / "resumed"), stop_after_steps=stop)
+    pieces = jax.device_get(resumed.state)
+    assert int(pieces.step) == int(whole.step) == 5
+    jax.tree.map(np.testing.assert_array_equal, pieces, whole)
