@@ -26,7 +26,7 @@ def test_every_preset_of_every_method_validates(path, preset):
     assert config.method == os.path.basename(path)[:-3]
 
 
-@pytest.mark.parametrize("method", ["simclr", "supervised", "tests.plugins.ema_cosine"])
+@pytest.mark.parametrize("method", ["simclr", "supcon", "tests.plugins.ema_cosine"])
 @pytest.mark.parametrize("preset", presets.PRESETS)
 def test_default_config_runs_any_method_on_any_preset(method, preset):
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"default.py:{preset},method={method}"))

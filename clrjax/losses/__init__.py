@@ -8,12 +8,14 @@ the loss of the global batch (docs/DESIGN.md, "One idea")::
 
     loss, metrics = simclr_loss(z_a, z_b, temperature=0.1, axis_name='data')
     loss, new_cov, metrics = tico_loss(z_a, z_b, cov, axis_name='data')
+    loss, metrics = supcon_loss(z_a, z_b, labels, axis_name='data')
 
 How a loss becomes a trainable method (views, networks, state) is the
 method registry's business: :mod:`clrjax.methods`.
 """
 from clrjax.losses.barlow_twins import barlow_twins_loss
 from clrjax.losses.simclr import simclr_loss
+from clrjax.losses.supcon import supcon_loss
 from clrjax.losses.supervised import supervised_ce_loss
 from clrjax.losses.tico import tico_loss
 from clrjax.losses.vicreg import vicreg_loss
@@ -21,6 +23,7 @@ from clrjax.losses.vicreg import vicreg_loss
 __all__ = [
     "barlow_twins_loss",
     "simclr_loss",
+    "supcon_loss",
     "supervised_ce_loss",
     "tico_loss",
     "vicreg_loss",

@@ -13,6 +13,7 @@ METHODS = Registry("method", {
     "barlow_twins": "clrjax.methods.barlow_twins:METHOD",
     "vicreg": "clrjax.methods.vicreg:METHOD",
     "tico": "clrjax.methods.tico:METHOD",
+    "supcon": "clrjax.methods.supcon:METHOD",
     "supervised": "clrjax.methods.supervised:METHOD",
 }, attribute="METHOD")
 

@@ -107,3 +107,19 @@ def collapse_monitors(z):
     p = sigma / sigma.sum() + 1e-7
     return {"embedding_std": np.mean(np.std(u, axis=0)), "rankme": np.exp(-np.sum(p * np.log(p)))}
 
+
+def supcon(z_a, z_b, labels, temperature, xp=np):
+    """Khosla et al. 2020 eq. 2 (L_out) on the full batch, averaged over the 2N anchors.
+
+    Anchors are both views of every image; A(i) is every other view, P(i) the
+    views in A(i) with anchor i's label. ``labels`` is a NumPy integer array.
+    """
+    n = z_a.shape[0]
+    u = _normalize(xp.concatenate([z_a, z_b]), xp)
+    logits = u @ u.T / temperature
+    y = np.concatenate([np.asarray(labels), np.asarray(labels)])
+    is_self = np.eye(2 * n, dtype=bool)
+    is_positive = (y[:, None] == y[None, :]) & ~is_self
+    log_prob = logits - _logsumexp_rows(xp.where(is_self, -np.inf, logits), xp)[:, None]
+    per_anchor = -xp.sum(xp.where(is_positive, log_prob, 0.0), axis=1) / is_positive.sum(axis=1)
+    return xp.mean(per_anchor)

@@ -55,13 +55,14 @@ def _kwarg_names(name):
 
 
 def test_registry_names_and_errors():
-    assert methods.names() == ("simclr", "barlow_twins", "vicreg", "tico", "supervised")
+    assert methods.names() == ("simclr", "barlow_twins", "vicreg", "tico", "supcon", "supervised")
     with pytest.raises(ValueError, match="simclr, barlow_twins, vicreg, tico"):
         methods.get("byol")
     assert _kwarg_names("simclr") == ("temperature", "decoupled", "chunk_size", "monitors")
     assert _kwarg_names("tico") == ("beta", "rho", "impl", "monitors")
     assert "lambd" in _kwarg_names("barlow_twins")
     assert {"sim_coeff", "std_coeff", "cov_coeff", "eps"} <= set(_kwarg_names("vicreg"))
+    assert _kwarg_names("supcon") == ("temperature", "chunk_size", "monitors")
     assert losses.simclr_loss is simclr_loss
 
 

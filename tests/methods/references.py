@@ -35,6 +35,10 @@ def _tico(z, labels, state, kw, xp):
     return loss, {"cov": new_cov}
 
 
+def _supcon(z, labels, state, kw, xp):
+    return reference.supcon(z[:, 0], z[:, 1], labels, kw["temperature"], xp=xp), state
+
+
 def _supervised(z, labels, state, kw, xp):
     """Mean softmax cross-entropy over the 2N views; label smoothing as Szegedy et al. 2016, sec. 7."""
     logits = xp.concatenate([z[:, 0], z[:, 1]])
@@ -58,5 +62,6 @@ REFERENCES = {
     "barlow_twins": _barlow_twins,
     "vicreg": _vicreg,
     "tico": _tico,
+    "supcon": _supcon,
     "supervised": _supervised,
 }
