@@ -233,7 +233,7 @@ def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> d
 
     @jax.jit
     def views(batch):
-        return augment.two_views(batch["image"], batch["index"], key, aug_cfg)
+        return augment.views(batch["image"], batch["index"], key, aug_cfg)
 
     loader = pipeline.TrainLoader(exp.train_source, b, config.seed, prefetch=2)
 

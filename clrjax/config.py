@@ -140,6 +140,7 @@ def check_known_keys(config: Mapping, reference: Mapping, prefix: str = "") -> N
     ``loss`` and ``model`` are open: their keys are checked against the chosen
     loss function's and model's signatures instead.
     """
+    config, reference = _plain(config), _plain(reference)
     for key, value in config.items():
         field = f"{prefix}{key}"
         if key not in reference:
@@ -148,6 +149,11 @@ def check_known_keys(config: Mapping, reference: Mapping, prefix: str = "") -> N
             continue
         if isinstance(value, Mapping) and isinstance(reference[key], Mapping):
             check_known_keys(value, reference[key], prefix=f"{field}.")
+
+
+def _plain(tree):
+    """A ConfigDict as a plain dict (ConfigDict is not a ``Mapping``), anything else as is."""
+    return tree.to_dict() if hasattr(tree, "to_dict") else tree
 
 
 def _check_choice(field: str, value: Any, options) -> None:
@@ -201,6 +207,7 @@ def validate_config(config, *, num_devices: Optional[int] = None,
     _check_choice("optimizer.lr_scaling", config.optimizer.lr_scaling, LR_SCALING_RULES)
     _check_choice("nonfinite.policy", config.nonfinite.policy, NONFINITE_POLICIES)
     _check_loss_kwargs(config, method)
+    _check_views(config, method)
     _check_evals(config)
 
     if not isinstance(config.batch_size, int) or config.batch_size <= 0:
@@ -250,12 +257,23 @@ def _registered(field: str, name: Any, module: str, registry: str):
         _fail(field, f"is {name!r}, which is not supported", err.fix)
 
 
+def _check_views(config, method) -> None:
+    """Per-view augmentation settings must cover every view the method asks for."""
+    for field in ("blur_prob", "solarize_prob"):
+        values = tuple(config.augment[field])
+        if len(values) < method.num_views:
+            _fail(f"augment.{field}", f"has {len(values)} values but {config.method} uses {method.num_views} "
+                  "views", f"give one probability per view, e.g. --config.augment.{field}='{(0.5,) * method.num_views}'")
+
+
 def _check_splits(config, dataset) -> None:
     for field in ("train_split", "test_split"):
         split = config.dataset[field]
         if dataset.splits and split not in dataset.splits:
-            _fail(f"dataset.{field}", f"is {split!r}, a split {dataset.name} does not have",
-                  f"use one of {', '.join(dataset.splits)}")
+            quoted = [repr(s) for s in dataset.splits]
+            names = " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+            _fail(f"dataset.{field}", f"is {split!r}, which {dataset.name} does not have",
+                  f"its splits are {names}")
 
 
 def _check_evals(config) -> None:

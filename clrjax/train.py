@@ -159,16 +159,6 @@ def init_train_state(exp: Experiment) -> TrainState:
 # --------------------------------------------------------------------------- the step
 
 
-def augmented_views(images_u8, example_index, key, aug_cfg, num_views: int):
-    """uint8 [B, H, W, C] -> float32 [B, V, S, S, C]: view v of example b at [b, v].
-
-    Keeping the views of one example adjacent keeps each device's rows on
-    that device, so the networks need no communication beyond BatchNorm's sums.
-    """
-    views = [augment.augment_batch(images_u8, example_index, key, aug_cfg, view=v) for v in range(num_views)]
-    return jnp.stack(views, axis=1)
-
-
 def _probe_metrics(logits, labels):
     """Cross-entropy and accuracy of the online probe on every view: logits [B, V, C]."""
     per_view_labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
@@ -207,7 +197,7 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
 
     def step_fn(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        views = augmented_views(batch["image"], batch["index"], key, aug_cfg, method.num_views)
+        views = augment.views(batch["image"], batch["index"], key, aug_cfg, method.num_views)
         grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, views, batch)
         batch_stats, method_state, loss_metrics, ssl_loss, probe_loss, probe_acc = aux
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -10,10 +10,12 @@ COMMAND:
       --loss_methods=simclr,barlow_twins --loss_batch=1024,4096 --loss_dims=128,2048 \
       --loss_impl=replicated,column_split
 Prints a table and writes JSON (--json_out, default benchmark.json) with the device, the
-library versions and the command line. Figures are measured; see clrjax/benchmarking.py
-for how FLOPs, MFU and memory are counted.
+library versions and the command line. The file is rewritten after every measurement, and its
+"complete" field turns true once every mode ran, so a run cut short keeps what it measured.
+Figures are measured; see clrjax/benchmarking.py for how FLOPs, MFU and memory are counted.
 """
 import json
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -54,7 +56,7 @@ def _fmt_pct(x):
     return f"{100 * x:.1f}%" if x is not None else "n/a"
 
 
-def _step_rows(config, batch_sizes):
+def _step_rows(config, batch_sizes, on_row=None):
     from clrjax import benchmarking, config as config_lib
     rows = []
     for b in batch_sizes:
@@ -68,6 +70,8 @@ def _step_rows(config, batch_sizes):
               f"{_fmt_flops(r.flops_per_step)}/step | MFU {_fmt_pct(r.mfu):>6} | HFU {_fmt_pct(r.hfu):>6} | "
               f"temp {_fmt_bytes(r.temp_bytes)}/dev | args {_fmt_bytes(r.argument_bytes)}/dev | "
               f"peak {_fmt_bytes(r.peak_device_bytes)} | compile {r.compile_s:.1f}s", flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -107,26 +111,49 @@ def main(argv):
         cli.fail("benchmark", f"config error: {err}")
 
 
+def _write(results):
+    """Writes the JSON (atomically): after every measurement, so a run cut short keeps what it measured."""
+    tmp = _JSON_OUT.value + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    os.replace(tmp, _JSON_OUT.value)
+
+
 def _run(config):
     from clrjax import benchmarking
     env = benchmarking.environment()
     print(f"device: {env['device_kind']} x{env['device_count']} ({env['backend']}) | jax {env['jax']} "
           f"jaxlib {env['jaxlib']} flax {env['flax']} optax {env['optax']} | python {env['python']}")
     print(f"command: {env['command']}")
-    results = {"environment": env, "config": config.to_dict()}
+    # "complete" turns True once every requested mode has been measured.
+    results = {"environment": env, "config": config.to_dict(), "complete": False}
+    _write(results)
     if "step" in _MODE.value:
         sizes = [int(b) for b in _SWEEP_BATCH.value] if _SWEEP_BATCH.value else [config.batch_size]
-        results["step"] = _step_rows(config, sizes)
+
+        def on_step_row(rows):
+            results["step"] = rows
+            _write(results)
+
+        results["step"] = _step_rows(config, sizes, on_row=on_step_row)
     if "input" in _MODE.value:
         results["input"] = _input_row(config, results.get("step"))
         if "input_to_step_ratio" in results["input"]:
             results["input_to_step_ratio"] = results["input"]["input_to_step_ratio"]
+        _write(results)
     if "loss" in _MODE.value:
+        results["loss"] = []
+
+        def on_loss_row(row):
+            _print_loss_row(row)
+            results["loss"].append(row)
+            _write(results)
+
         results["loss"] = benchmarking.benchmark_losses(
             _LOSS_METHODS.value, [int(n) for n in _LOSS_BATCH.value], [int(d) for d in _LOSS_DIMS.value],
-            steps=_STEPS.value, warmup=_WARMUP.value, impls=_LOSS_IMPL.value, on_row=_print_loss_row)
-    with open(_JSON_OUT.value, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+            steps=_STEPS.value, warmup=_WARMUP.value, impls=_LOSS_IMPL.value, on_row=on_loss_row)
+    results["complete"] = True
+    _write(results)
     print(f"wrote {_JSON_OUT.value}")
 
 

@@ -350,11 +350,17 @@ def augment_batch(images_u8: jax.Array, example_index: jax.Array, key: jax.Array
     return jax.vmap(one)(images_u8, example_index)
 
 
-def two_views(images_u8: jax.Array, example_index: jax.Array, key: jax.Array,
-              cfg: Mapping[str, Any], normalise: bool = True) -> Tuple[jax.Array, jax.Array]:
-    """(view 0, view 1), each float32 [B, S, S, C] (BYOL's asymmetric blur/solarise per view)."""
-    return (augment_batch(images_u8, example_index, key, cfg, 0, normalise),
-            augment_batch(images_u8, example_index, key, cfg, 1, normalise))
+def views(images_u8: jax.Array, example_index: jax.Array, key: jax.Array, cfg: Mapping[str, Any],
+          num_views: int = 2, normalise: bool = True) -> jax.Array:
+    """uint8 [B, H, W, C] -> float32 [B, V, S, S, C]: view v of example b at [b, v].
+
+    View v has its own key (folded in by :func:`augment_view`) and the
+    per-view blur and solarisation probabilities (BYOL's asymmetric views).
+    Keeping the views of one example adjacent keeps each device's rows on
+    that device, so the networks need no communication beyond BatchNorm's sums.
+    """
+    return jnp.stack([augment_batch(images_u8, example_index, key, cfg, v, normalise)
+                      for v in range(num_views)], axis=1)
 
 
 def preprocess_eval(images_u8: jax.Array, cfg: Mapping[str, Any]) -> jax.Array:

@@ -8,7 +8,7 @@ step of training when on. Features of the train and test splits are
 extracted once per evaluation step and shared by every evaluator due at that
 step; the results are logged like any metric (``metrics.jsonl``, TensorBoard).
 
-An evaluator receives features and labels (a :class:`~clrjax.evaluation.run_eval.FeatureSet`)
+An evaluator receives features and labels (a :class:`~clrjax.evaluation.protocols.FeatureSet`)
 and returns scalars; it never sees the trainer. The trainer hands this
 module an encode function (model + eval preprocessing), so nothing here
 imports ``clrjax.train``.
@@ -37,17 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from clrjax import parallel
+from clrjax.data import sources
+from clrjax.evaluation import protocols
 from clrjax.registry import Registry
-
-# kNN weight temperature, Wu et al. 2018 sec. 3.4 (also the final evaluation's, run_eval.KNN_TEMPERATURE).
-KNN_TEMPERATURE = 0.07
-
-
-def _run_eval():
-    """The protocols module, imported when an evaluation runs: config reads this module's
-    option table, and that must not pull in the evaluation stack."""
-    from clrjax.evaluation import run_eval
-    return run_eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +53,18 @@ class Evaluator:
 
 
 def _knn(fs, options) -> Dict[str, float]:
-    accs = _run_eval().knn_result(fs, tuple(options["k"]), options["temperature"])
+    accs = protocols.knn_result(fs, tuple(options["k"]), options["temperature"])
     return {f"knn{k}_top1": acc["top1"] for k, acc in accs.items()}
 
 
 def _linear(fs, options) -> Dict[str, float]:
     del options
-    result = _run_eval().linear_features_result(fs)
+    result = protocols.linear_features_result(fs)
     return {"linear_top1": result["top1"], "linear_top5": result["top5"]}
 
 
 def _fewshot(fs, options) -> Dict[str, float]:
-    result = _run_eval().few_shot_result(fs, tuple(options["shots"]), int(options["seeds"]))
+    result = protocols.few_shot_result(fs, tuple(options["shots"]), int(options["seeds"]))
     return {f"fewshot{k}_top1": v["mean"] for k, v in result.items() if k != "skipped"}
 
 
@@ -83,7 +75,7 @@ def _collapse(fs, options) -> Dict[str, float]:
     return {"rankme_features": float(collapse.rankme(x)), "feature_std": float(collapse.embedding_std(x))}
 
 
-KNN = Evaluator("knn", _knn, {"k": (20,), "temperature": KNN_TEMPERATURE},
+KNN = Evaluator("knn", _knn, {"k": (20,), "temperature": protocols.KNN_TEMPERATURE},
                 "weighted kNN top-1 of the test split against the train split")
 LINEAR = Evaluator("linear", _linear, {}, "linear probe on frozen features")
 FEWSHOT = Evaluator("fewshot", _fewshot, {"shots": (10,), "seeds": 3}, "few-shot linear probe")
@@ -113,7 +105,7 @@ class PeriodicEvaluation:
     def __init__(self, encode_fn, config):
         self._config = config
         self._every = enabled(config)
-        self._mesh = _run_eval().eval_mesh()
+        self._mesh = protocols.eval_mesh()
         self._encode = encode_fn
         self._splits = None  # loaded at the first evaluation, then kept
 
@@ -124,11 +116,12 @@ class PeriodicEvaluation:
         names = self.due(step, total_steps)
         if not names:
             return {}
-        from clrjax.evaluation.restore import load_splits
         if self._splits is None:
-            self._splits = load_splits(self._config)
+            dataset = self._config.dataset.to_dict()
+            self._splits = tuple(sources.load_source(dataset, self._config.dataset[split])
+                                 for split in ("train_split", "test_split"))
         replicated = parallel.replicate(jax.device_get(variables), self._mesh)
-        fs = _run_eval().split_features(self._encode, replicated, self._config, self._mesh, splits=self._splits)
+        fs = protocols.features_of_splits(self._encode, replicated, self._splits, self._config.eval, self._mesh)
         results: Dict[str, float] = {}
         for name in names:
             results.update({k: float(np.asarray(v)) for k, v in

@@ -39,8 +39,9 @@ import numpy as np
 from clrjax import metrics as metrics_lib, parallel
 from clrjax.data import augment, pipeline
 from clrjax.evaluation.features import extract_features
-from clrjax.evaluation import periodic
-from clrjax.evaluation.fewshot import few_shot
+from clrjax.evaluation.protocols import (  # noqa: F401  (re-exported: the protocols of a run)
+    FEW_SHOT_SEEDS, FEW_SHOTS, KNN_KS, KNN_TEMPERATURE, FeatureSet, eval_batch_size, eval_mesh,
+    features_of_splits, few_shot_result, knn_result, linear_features_result, source_features, subsample)
 from clrjax.evaluation.knn import knn_accuracy
 from clrjax.evaluation.linear import linear_probe_augmented, linear_probe_features
 from clrjax.evaluation.restore import EvalInputError, FrozenEncoder, load_splits
@@ -49,10 +50,6 @@ EVAL_FILE = "eval.json"
 LINEAR_EVAL_FILE = "linear_eval.json"
 KNN_EVAL_FILE = "knn_eval.json"
 PROTOCOLS = ("features", "augmented")
-KNN_KS = (20, 200)              # Wu et al. 2018 report k = 200; k = 20 is the common small-k setting
-KNN_TEMPERATURE = periodic.KNN_TEMPERATURE  # Wu et al. 2018, sec. 3.4
-FEW_SHOTS = (1, 5, 10, 25)
-FEW_SHOT_SEEDS = 5
 AUGMENTED_EPOCHS = 90           # SimCLR app. B.5: 90 epochs
 AUGMENTED_BATCH = 256
 AUGMENTED_BASE_LR = 0.1         # SimCLR app. B.5: lr = 0.1 x batch / 256
@@ -61,55 +58,10 @@ AUGMENTED_BASE_LR = 0.1         # SimCLR app. B.5: lr = 0.1 x batch / 256
 # --------------------------------------------------------------------------- features
 
 
-def eval_mesh():
-    """A ``'data'`` mesh over this process's devices (evaluation needs no other host)."""
-    return parallel.make_mesh(jax.local_devices())
-
-
-def eval_batch_size(requested: int, num_devices: int) -> int:
-    """The largest multiple of the device count not above ``requested``."""
-    return max(num_devices, requested // num_devices * num_devices)
-
-
-@dataclasses.dataclass
-class FeatureSet:
-    """Frozen features of both splits: x float32 [N, F], y int32 [N]."""
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
-
-    def summary(self) -> dict:
-        return {"num_train": int(len(self.train_y)), "num_test": int(len(self.test_y)),
-                "num_classes": int(self.num_classes), "feature_dim": int(self.train_x.shape[1])}
-
-
-def subsample(x: np.ndarray, y: np.ndarray, max_examples: int):
-    """At most ``max_examples`` rows, a fixed random subset (seed 0); 0 keeps all."""
-    if not max_examples or len(y) <= max_examples:
-        return x, y
-    keep = np.random.default_rng(0).permutation(len(y))[:max_examples]
-    return x[keep], y[keep]
-
-
-def source_features(encode_fn, variables, source, batch_size: int, mesh, progress: bool = False):
-    """(features, labels) of every example of ``source``, sharded over ``mesh``."""
-    batch = eval_batch_size(batch_size, mesh.size)
-    return extract_features(encode_fn, pipeline.eval_batches(source, batch), mesh=mesh, progress=progress,
-                            variables=variables)
-
-
 def split_features(encode_fn, variables, config, mesh, *, splits=None, progress: bool = False) -> FeatureSet:
-    """Features of ``config.dataset``'s train and test splits (train capped at ``eval.max_train_examples``).
-
-    ``encode_fn(variables, uint8 images) -> features``; ``variables`` replicated over ``mesh``.
-    """
-    train_source, test_source = splits or load_splits(config)
-    train_x, train_y = source_features(encode_fn, variables, train_source, config.eval.batch_size, mesh, progress)
-    test_x, test_y = source_features(encode_fn, variables, test_source, config.eval.batch_size, mesh, progress)
-    train_x, train_y = subsample(train_x, train_y, config.eval.max_train_examples)
-    return FeatureSet(train_x, train_y, test_x, test_y, int(train_source.num_classes))
+    """:func:`~clrjax.evaluation.protocols.features_of_splits` of ``config.dataset``'s train and test splits."""
+    return features_of_splits(encode_fn, variables, splits or load_splits(config), config.eval, mesh,
+                              progress=progress)
 
 
 def encoder_features(encoder: FrozenEncoder, mesh=None, *, splits=None, progress: bool = False) -> FeatureSet:
@@ -117,36 +69,6 @@ def encoder_features(encoder: FrozenEncoder, mesh=None, *, splits=None, progress
     mesh = mesh or eval_mesh()
     variables = parallel.replicate(encoder.variables, mesh)
     return split_features(encoder.apply_fn(), variables, encoder.config, mesh, splits=splits, progress=progress)
-
-
-# --------------------------------------------------------------------------- protocols on features
-
-
-def linear_features_result(fs: FeatureSet) -> dict:
-    """The ``features`` protocol: test top-1/top-5 and the selected l2."""
-    probe = linear_probe_features(fs.train_x, fs.train_y, fs.test_x, fs.test_y, num_classes=fs.num_classes)
-    return {"top1": float(probe["top1"]), "top5": float(probe["top5"]), "l2": float(probe["l2"]),
-            "val_top1": float(probe["val_top1"])}
-
-
-def knn_result(fs: FeatureSet, ks: Sequence[int] = KNN_KS, temperature: float = KNN_TEMPERATURE) -> dict:
-    """``{str(k): {'top1', 'top5'}}`` of the weighted kNN."""
-    accs = knn_accuracy(fs.train_x, fs.train_y, fs.test_x, fs.test_y, num_classes=fs.num_classes,
-                        ks=tuple(ks), temperature=temperature)
-    return {str(k): {"top1": float(a["top1"]), "top5": float(a["top5"])} for k, a in accs.items()}
-
-
-def few_shot_result(fs: FeatureSet, shots: Sequence[int] = FEW_SHOTS, seeds: int = FEW_SHOT_SEEDS) -> dict:
-    """``{str(k): {'mean', 'std', 'per_seed', 'l2'}}``; a k larger than the smallest class is skipped (noted)."""
-    smallest = int(np.bincount(fs.train_y, minlength=fs.num_classes).min())
-    usable = [k for k in shots if k <= smallest]
-    result: Dict[str, Any] = {str(k): v for k, v in few_shot(
-        fs.train_x, fs.train_y, fs.test_x, fs.test_y, num_classes=fs.num_classes,
-        shots=usable, seeds=seeds).items()} if usable else {}
-    skipped = [k for k in shots if k > smallest]
-    if skipped:
-        result["skipped"] = f"k={skipped}: the smallest class has {smallest} training examples"
-    return result
 
 
 # --------------------------------------------------------------------------- the augmented protocol

@@ -25,7 +25,8 @@ NO_OPS = dict(CFG, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, 
 
 
 def _two_unit_views(images, index, key):
-    return A.two_views(images, index, key, CFG, normalise=False)
+    both = A.views(images, index, key, CFG, normalise=False)
+    return both[:, 0], both[:, 1]
 
 
 # One compiled function shared by the tests below: compiling the full pipeline
@@ -52,7 +53,8 @@ def test_shapes_dtypes_and_unit_range(views):
 def test_one_channel_images():
     gray = random_images(4, 10, 10, 1)
     cfg = dict(CFG, mean=(0.5,), std=(0.25,))
-    a, b = jax.jit(lambda im, ix: A.two_views(im, ix, KEY, cfg))(gray, jnp.arange(4))
+    both = jax.jit(lambda im, ix: A.views(im, ix, KEY, cfg))(gray, jnp.arange(4))
+    a, b = both[:, 0], both[:, 1]
     assert a.shape == b.shape == (4, 12, 12, 1) and a.dtype == jnp.float32
     unit = a * 0.25 + 0.5  # undo the normalisation: the [0, 1] image
     assert float(unit.min()) >= -1e-6 and float(unit.max()) <= 1.0 + 1e-6
