@@ -47,17 +47,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.channels = 3           # synthetic only: image channels
 
     c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
-    c.augment.crop_size = 32         # output side of the random resized crop (pixels)
+    c.augment.crop_size = 32         # output side of the random resized crop (pixels; 224 for ImageNet)
     c.augment.crop_scale = (0.08, 1.0)  # crop area range as a fraction of the image (SimCLR app. A)
     c.augment.crop_ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range (SimCLR app. A)
     c.augment.flip_prob = 0.5        # horizontal flip probability
     c.augment.jitter_strength = 1.0  # colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)
     c.augment.jitter_prob = 0.8      # probability of applying colour jitter (SimCLR app. A)
     c.augment.gray_prob = 0.2        # probability of grayscale (SimCLR app. A)
-    c.augment.blur_prob = (1.0, 0.1)  # Gaussian blur probability for view 0 and view 1 (BYOL table 6)
+    c.augment.blur_prob = (1.0, 0.1)  # Gaussian blur probability per view (BYOL table 6; SimCLR app. A: 0.5 both)
     c.augment.blur_sigma = (0.1, 2.0)  # blur sigma range (SimCLR app. A)
-    c.augment.solarize_prob = (0.0, 0.2)  # solarisation probability per view (BYOL table 6)
-    c.augment.solarize_threshold = 0.5  # pixels above this (in [0, 1]) are inverted
+    c.augment.solarize_prob = (0.0, 0.2)  # solarisation probability per view (BYOL table 6; SimCLR has none)
+    c.augment.solarize_threshold = 0.5  # pixels >= this (in [0, 1]) become 1 - x (BYOL)
     c.augment.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after augmentation)
     c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
 

@@ -13,7 +13,7 @@ def get_config(arg=None):
 
 def _loss_defaults(c):
     c.loss.sim_coeff = 25.0            # VICReg sec. 4.1: lambda = 25
-    c.loss.std_coeff = 25.0            # VICReg sec. 4.1: mu = 25
+    c.loss.std_coeff = 25.0            # official main_vicreg.py std_coeff=25 (its /2 per view: the paper's mu = 12.5)
     c.loss.cov_coeff = 1.0             # VICReg sec. 4.1: nu = 1
 
 

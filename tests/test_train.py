@@ -188,3 +188,19 @@ def test_skip_policy_stops_after_max_consecutive_skips(tmp_path):
     from clrjax import metrics as metrics_lib
     rows = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
     assert rows and rows[-1]["step"] < 12
+
+
+def test_a_run_from_before_the_method_interface_resumes(tmp_path):
+    """Workdirs written before config.evals existed (eval.knn_every_steps instead) still resume:
+    the train state's tree is unchanged and evaluation fields do not count as a config change."""
+    import json
+
+    config = tiny_config("tico", num_steps=4)
+    train.train(config, str(tmp_path), stop_after_steps=2)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["evals"]
+    saved["eval"]["knn_every_steps"] = 0
+    path.write_text(json.dumps(saved))
+    result = train.train(config, str(tmp_path))
+    assert result.steps_run == 2 and int(result.state.step) == 4
