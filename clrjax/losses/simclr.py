@@ -43,11 +43,10 @@ import jax.numpy as jnp
 from clrjax.losses import _collectives as col
 from clrjax.losses import collapse
 from clrjax.losses._normalize import l2_normalize
+from clrjax.losses._streaming import (MASKED, check_chunk_size, masked_logsumexp_terms, merge_logsumexp,
+                                      stream_columns)
 from clrjax.losses._validation import check_embedding_pair, check_global_batch, check_positive
 
-# Masked logits get a large finite value, not -inf: a block whose entries are
-# all masked then has finite statistics that the online merge scales to zero.
-_MASKED = -1e30
 _UNIFORMITY_T = 2.0
 
 
@@ -79,15 +78,11 @@ def _block_stats(anchors: _Anchors, cols, col_ids, n_columns, temperature, decou
     in_denominator = valid & not_self
     if decoupled:
         in_denominator = in_denominator & not_positive
-    masked = jnp.where(in_denominator, logits, _MASKED)
-    # The shift only guards exp() against overflow; the result does not depend
-    # on it, so it is a constant for autodiff (exact softmax gradients).
-    shift = jax.lax.stop_gradient(jnp.max(masked, axis=1))
-    sumexp = jnp.sum(jnp.exp(masked - shift[:, None]), axis=1)
+    shift, sumexp = masked_logsumexp_terms(logits, in_denominator)
 
     frozen = jax.lax.stop_gradient(logits)
     negative = valid & not_self & not_positive
-    max_negative = jnp.max(jnp.where(negative, frozen, _MASKED), axis=1)
+    max_negative = jnp.max(jnp.where(negative, frozen, MASKED), axis=1)
     same_view = (col_ids[None, :] >= n_columns // 2) == anchors.is_view_b[:, None]
     # ||u_i - u_j||^2 = 2 - 2 s_ij for unit vectors.
     kernel = jnp.exp(-_UNIFORMITY_T * (2.0 - 2.0 * jax.lax.stop_gradient(sims)))
@@ -97,8 +92,7 @@ def _block_stats(anchors: _Anchors, cols, col_ids, n_columns, temperature, decou
 
 def _merge(a: _RowStats, b: _RowStats) -> _RowStats:
     """Online log-sum-exp merge of two column blocks' statistics."""
-    shift = jnp.maximum(a.shift, b.shift)
-    sumexp = a.sumexp * jnp.exp(a.shift - shift) + b.sumexp * jnp.exp(b.shift - shift)
+    shift, sumexp = merge_logsumexp(a.shift, a.sumexp, b.shift, b.sumexp)
     return _RowStats(
         shift,
         sumexp,
@@ -108,29 +102,13 @@ def _merge(a: _RowStats, b: _RowStats) -> _RowStats:
 
 
 def _streamed_stats(anchors, cols, temperature, decoupled, chunk_size):
-    """Row statistics over all columns, ``chunk_size`` columns at a time.
-
-    Columns are zero-padded to a multiple of chunk_size (padding is masked).
-    The scan body is under jax.checkpoint so the backward pass recomputes each
-    block instead of storing every [2n, chunk] intermediate.
-    """
-    n_columns, dim = cols.shape
-    n_blocks = -(-n_columns // chunk_size)
-    padded = jnp.pad(cols, ((0, n_blocks * chunk_size - n_columns), (0, 0)))
-    blocks = padded.reshape(n_blocks, chunk_size, dim)
-    block_ids = jnp.arange(n_blocks * chunk_size).reshape(n_blocks, chunk_size)
+    """Row statistics over all columns, ``chunk_size`` columns at a time (see _streaming.py)."""
+    n_columns = cols.shape[0]
 
     def stats_of(block, ids):
         return _block_stats(anchors, block, ids, n_columns, temperature, decoupled)
 
-    first = stats_of(blocks[0], block_ids[0])
-
-    @jax.checkpoint
-    def body(carry, xs):
-        return _merge(carry, stats_of(*xs)), None
-
-    stats, _ = jax.lax.scan(body, first, (blocks[1:], block_ids[1:]))
-    return stats
+    return stream_columns(stats_of, _merge, cols, chunk_size)
 
 
 def _anchors(u_a, u_b, axis_name) -> _Anchors:
@@ -143,13 +121,6 @@ def _anchors(u_a, u_b, axis_name) -> _Anchors:
         positive_ids=jnp.concatenate([local_ids + n_global, local_ids]),
         is_view_b=jnp.arange(2 * n_local) >= n_local,
     )
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
-            f"chunk_size must be None or a positive int, got {chunk_size!r}; pass e.g. 4096."
-        )
 
 
 def simclr_loss(
@@ -180,7 +151,7 @@ def simclr_loss(
     """
     check_embedding_pair(z_a, z_b)
     check_positive("temperature", temperature)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     n_global = col.global_batch_size(z_a.shape[0], axis_name)
     if decoupled:
         check_global_batch(n_global, 2, "Decoupled SimCLR (every anchor needs a negative)")

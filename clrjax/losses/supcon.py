@@ -55,12 +55,10 @@ import jax.numpy as jnp
 from clrjax.losses import _collectives as col
 from clrjax.losses import collapse
 from clrjax.losses._normalize import l2_normalize
+from clrjax.losses._streaming import (MASKED, check_chunk_size, masked_logsumexp_terms, merge_logsumexp,
+                                      stream_columns)
 from clrjax.losses._validation import check_embedding_pair, check_labels, check_positive
 
-# Masked logits get a large finite value, not -inf (same reason as simclr.py):
-# a block whose entries are all masked for a row keeps finite statistics that
-# the online merge then scales to zero.
-_MASKED = -1e30
 
 
 class _RowStats(NamedTuple):
@@ -97,25 +95,20 @@ def _block_stats(anchors: _Anchors, cols: _Columns, n_columns, temperature) -> _
     in_denominator = valid & (cols.ids[None, :] != anchors.self_ids[:, None])  # A(i)
     positive = in_denominator & (cols.labels[None, :] == anchors.labels[:, None])  # P(i)
 
-    masked = jnp.where(in_denominator, logits, _MASKED)
-    # The shift only guards exp() against overflow; the value does not depend
-    # on it, so it is a constant for autodiff (exact softmax gradients).
-    shift = jax.lax.stop_gradient(jnp.max(masked, axis=1))
-    sumexp = jnp.sum(jnp.exp(masked - shift[:, None]), axis=1)
+    shift, sumexp = masked_logsumexp_terms(logits, in_denominator)
     positive_logit_sum = jnp.sum(jnp.where(positive, logits, 0.0), axis=1)
     positive_count = jnp.sum(positive.astype(jnp.float32), axis=1)
 
     frozen = jax.lax.stop_gradient(logits)
-    max_positive = jnp.max(jnp.where(positive, frozen, _MASKED), axis=1)
-    max_negative = jnp.max(jnp.where(in_denominator & ~positive, frozen, _MASKED), axis=1)
+    max_positive = jnp.max(jnp.where(positive, frozen, MASKED), axis=1)
+    max_negative = jnp.max(jnp.where(in_denominator & ~positive, frozen, MASKED), axis=1)
     return _RowStats(shift, sumexp, positive_logit_sum, positive_count, max_positive,
                      max_negative)
 
 
 def _merge(a: _RowStats, b: _RowStats) -> _RowStats:
     """Online log-sum-exp merge of two column blocks' statistics."""
-    shift = jnp.maximum(a.shift, b.shift)
-    sumexp = a.sumexp * jnp.exp(a.shift - shift) + b.sumexp * jnp.exp(b.shift - shift)
+    shift, sumexp = merge_logsumexp(a.shift, a.sumexp, b.shift, b.sumexp)
     return _RowStats(
         shift,
         sumexp,
@@ -127,32 +120,13 @@ def _merge(a: _RowStats, b: _RowStats) -> _RowStats:
 
 
 def _streamed_stats(anchors: _Anchors, cols: _Columns, temperature, chunk_size) -> _RowStats:
-    """Row statistics over all columns, ``chunk_size`` columns at a time.
+    """Row statistics over all columns, ``chunk_size`` columns at a time (see _streaming.py)."""
+    n_columns = cols.vectors.shape[0]
 
-    Columns are padded to a multiple of chunk_size (padding is masked by its
-    id). The scan body is under jax.checkpoint so the backward pass recomputes
-    each block instead of storing every [2n, chunk] intermediate.
-    """
-    n_columns, dim = cols.vectors.shape
-    n_blocks = -(-n_columns // chunk_size)
-    pad = n_blocks * chunk_size - n_columns
-    blocks = _Columns(
-        vectors=jnp.pad(cols.vectors, ((0, pad), (0, 0))).reshape(n_blocks, chunk_size, dim),
-        ids=jnp.arange(n_blocks * chunk_size).reshape(n_blocks, chunk_size),
-        labels=jnp.pad(cols.labels, (0, pad)).reshape(n_blocks, chunk_size),
-    )
+    def stats_of(block, ids):
+        return _block_stats(anchors, _Columns(block["vectors"], ids, block["labels"]), n_columns, temperature)
 
-    def stats_of(block):
-        return _block_stats(anchors, block, n_columns, temperature)
-
-    first = stats_of(jax.tree.map(lambda x: x[0], blocks))
-
-    @jax.checkpoint
-    def body(carry, block):
-        return _merge(carry, stats_of(block)), None
-
-    stats, _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], blocks))
-    return stats
+    return stream_columns(stats_of, _merge, {"vectors": cols.vectors, "labels": cols.labels}, chunk_size)
 
 
 def _anchors(u_a, u_b, labels, axis_name) -> _Anchors:
@@ -172,15 +146,6 @@ def _columns(u_a, u_b, labels, axis_name) -> _Columns:
     vectors = jnp.concatenate([col.all_gather(u_a, axis_name), col.all_gather(u_b, axis_name)])
     return _Columns(vectors=vectors, ids=jnp.arange(vectors.shape[0]),
                     labels=jnp.concatenate([global_labels, global_labels]))
-
-
-def _check_chunk_size(chunk_size) -> None:
-    # bool is an int subclass; chunk_size=True is a config mistake, not a size of 1.
-    if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
-            f"chunk_size must be None or a positive int, got {chunk_size!r}; pass e.g. 4096."
-        )
 
 
 def supcon_loss(
@@ -213,7 +178,7 @@ def supcon_loss(
     check_embedding_pair(z_a, z_b)
     check_labels(labels, z_a.shape[0])
     check_positive("temperature", temperature)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     n_global = col.global_batch_size(z_a.shape[0], axis_name)
 
     u_a = l2_normalize(z_a.astype(jnp.float32))
