@@ -204,7 +204,8 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(ssl_loss) & jnp.isfinite(probe_loss) & jnp.isfinite(grad_norm)
         params = optax.apply_updates(state.params, updates)
-        method_state = method.after_update(method_state, params, state.step + 1)
+        method_state = method.after_update(method_state, params=params, batch_stats=batch_stats,
+                                           step=state.step + 1, total_steps=exp.total_steps)
         updated = state.replace(step=state.step + 1, params=params,
                                 batch_stats=batch_stats, opt_state=opt_state,
                                 method_state=method_state, skips=jnp.zeros_like(state.skips))

@@ -12,7 +12,8 @@ knows no method. One step of the trainer, in terms of this interface::
         {k: outputs[k] for k in method.loss_inputs}, batch, method_state,
         axis_name='data', **config.loss)                # per shard, named-axis collectives
     ... gradients, optimizer (param groups from method.param_labels) ...
-    method_state = method.after_update(method_state, new_params, step)   # e.g. an EMA target
+    method_state = method.after_update(method_state, params=new_params, batch_stats=new_batch_stats,
+                                       step=step + 1, total_steps=total_steps)   # e.g. an EMA target
 
 What a method declares (override what differs from the defaults):
 
@@ -41,8 +42,9 @@ What a method declares (override what differs from the defaults):
                     (loss, new_state, metrics)`` on this shard's rows; loss,
                     state and metrics must be global (identical on every
                     shard)
-``after_update``    ``(state, params, step) -> state`` after the optimizer
-                    update (an EMA of the online network)
+``after_update``    ``(state, *, params, batch_stats, step, total_steps) ->
+                    state`` after the optimizer update (an EMA of the online
+                    network; ``step`` counts completed steps, for schedules)
 ``param_labels``    optimizer group of every parameter: 'ssl' (the
                     method's optimizer), 'probe' (the probe's Adam) or
                     'frozen' (no update, no optimizer state)
@@ -126,9 +128,14 @@ class Method:
         loss, metrics = self.loss_fn(z[:, 0], z[:, 1], axis_name=axis_name, **loss_kwargs)
         return loss, state, metrics
 
-    def after_update(self, state, params, step):
-        """Method state after the optimizer step (identity unless the method keeps e.g. an EMA)."""
-        del params, step
+    def after_update(self, state, *, params, batch_stats, step, total_steps):
+        """Method state after the optimizer step (identity unless the method keeps e.g. an EMA).
+
+        ``params``/``batch_stats`` are the new online variables, ``step`` the
+        number of completed steps (traced), ``total_steps`` the run's length
+        (a Python int, for schedules such as BYOL's momentum).
+        """
+        del params, batch_stats, step, total_steps
         return state
 
     # ------------------------------------------------------------ config

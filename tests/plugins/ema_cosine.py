@@ -45,7 +45,7 @@ class EmaCosine(Method):
         loss, metrics = ema_cosine_loss(z[:, 0], z[:, 1], t[:, 0], t[:, 1], axis_name=axis_name, **kw)
         return loss, state, metrics
 
-    def after_update(self, state, params, step):
+    def after_update(self, state, *, params, batch_stats, step, total_steps):
         return {"target": jax.tree.map(lambda t, p: TAU * t + (1.0 - TAU) * p, state["target"], params)}
 
 
