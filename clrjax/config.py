@@ -44,7 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.test_split = "test"    # split used for evaluation
     c.dataset.image_size = 0         # host-side fixed size for variable-size images / synthetic; 0 = native
     c.dataset.num_examples = 0       # synthetic only: examples per split
-    c.dataset.channels = 3           # synthetic only: image channels
+    c.dataset.channels = 3           # image channels: synthetic; image_folder/csv/tsv convert to 1 (L) or 3 (RGB)
+    c.dataset.path = ""              # image_folder root / csv|tsv list file; "{split}" in it = the split name
+    c.dataset.split_fraction = 0.0   # image_folder/csv/tsv without split folders/files: test fraction per class (seed 0)
+    c.dataset.class_names = ()       # image_folder/csv/tsv label order; () = sorted names (the CLI records them)
+    c.dataset.on_error = "fail"      # bad image/path/class: fail (DataError naming the file) | skip (and count)
+    c.dataset.decode_workers = 8     # image_folder/csv/tsv: Pillow decode threads per process
 
     c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
     c.augment.crop_size = 32         # output side of the random resized crop (pixels; 224 for ImageNet)
@@ -70,6 +75,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.projector.out_dim = 128        # embedding dimension d the loss sees
     c.projector.use_bn = True        # BatchNorm after each hidden layer
     c.projector.last_bn = False      # affine-free BatchNorm on the output (SimCLR v2, Barlow Twins)
+
+    c.predictor = ml_collections.ConfigDict()  # predictor MLP after the projector (BYOL, MoCo v3; unused by others)
+    c.predictor.hidden_dims = (512,)  # hidden layer widths of the predictor; its output is projector.out_dim
+    c.predictor.use_bn = True        # BatchNorm after each hidden layer of the predictor
+
+    c.momentum = ml_collections.ConfigDict()  # EMA target network of momentum methods (BYOL, MoCo; unused by others)
+    c.momentum.base = 0.996          # target momentum tau at the first step, in [0, 1) (BYOL sec. 3.2)
+    c.momentum.final = 1.0           # tau at the end of the cosine schedule, in [base, 1]; = base for a constant tau
+
+    c.queue = ml_collections.ConfigDict()  # memory queue of past keys (MoCo v2; unused by others)
+    c.queue.size = 65536             # K keys, a multiple of batch_size (MoCo: K = 65,536 on ImageNet)
 
     c.optimizer = ml_collections.ConfigDict()  # optimizer and learning-rate schedule of encoder + projector
     c.optimizer.name = "adamw"       # one of OPTIMIZERS
@@ -203,6 +219,7 @@ def validate_config(config, *, num_devices: Optional[int] = None,
     method = _registered("method", config.method, "clrjax.methods", "METHODS")
     dataset = _registered("dataset.name", config.dataset.name, "clrjax.data.datasets", "DATASETS")
     _check_splits(config, dataset)
+    _check_file_dataset(config)
     _check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
     _check_choice("optimizer.lr_scaling", config.optimizer.lr_scaling, LR_SCALING_RULES)
     _check_choice("nonfinite.policy", config.nonfinite.policy, NONFINITE_POLICIES)
@@ -274,6 +291,41 @@ def _check_splits(config, dataset) -> None:
             names = " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
             _fail(f"dataset.{field}", f"is {split!r}, which {dataset.name} does not have",
                   f"its splits are {names}")
+
+
+FILE_DATASETS = ("image_folder", "csv", "tsv")  # datasets read from config.dataset.path (clrjax/data/folders.py)
+
+
+def _check_file_dataset(config) -> None:
+    """The config.dataset fields of the datasets read from your own files; checked for every dataset."""
+    d = config.dataset
+    _check_choice("dataset.on_error", d.on_error, ("fail", "skip"))
+    workers = d.decode_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+        _fail("dataset.decode_workers", f"is {workers!r} but must be a positive integer",
+              "set --config.dataset.decode_workers to e.g. 8")
+    fraction = d.split_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        _fail("dataset.split_fraction", f"is {fraction!r} but must be in [0, 1)",
+              "set --config.dataset.split_fraction to the test fraction, e.g. 0.1 (0 = no split)")
+    if d.name not in FILE_DATASETS:
+        return
+    if d.channels not in (1, 3):
+        _fail("dataset.channels", f"is {d.channels!r} but {d.name} converts images to 1 or 3 channels",
+              "set --config.dataset.channels=1 (grayscale) or 3 (RGB)")
+    if not isinstance(d.image_size, int) or d.image_size < 0:
+        _fail("dataset.image_size", f"is {d.image_size!r} but must be a whole number >= 0",
+              "set --config.dataset.image_size to the decoded side, e.g. 224 (0 = native size)")
+    if not d.path:
+        what = "the image folder" if d.name == "image_folder" else f"the {d.name} list file"
+        _fail("dataset.path", f"is empty but {d.name} reads its images from it",
+              f"set --config.dataset.path to {what}")
+    path = os.path.expanduser(d.path)
+    if "{split}" not in path and not os.path.exists(path):
+        _fail("dataset.path", f"is {d.path!r}, which does not exist", f"set --config.dataset.path to {d.name}'s "
+              "folder or list file")
+    if len(set(d.class_names)) != len(d.class_names):
+        _fail("dataset.class_names", f"lists a class twice ({tuple(d.class_names)!r})", "give each class once")
 
 
 def _check_evals(config) -> None:

@@ -46,6 +46,7 @@ class Registry:
         self.attribute = attribute
         self._paths: Dict[str, str] = dict(builtins)
         self._entries: Dict[str, Any] = {}
+        self._by_module_path: Dict[str, Any] = {}  # entries named by module path: usable, not listed
 
     def register(self, entry: Any, name: str | None = None) -> Any:
         """Adds ``entry`` under ``name`` (default ``entry.name``); returns it, so it can decorate."""
@@ -81,6 +82,8 @@ class Registry:
                 entry = getattr(importlib.import_module(module), attribute)
                 self._entries[name] = entry
                 return entry
+            if name in self._by_module_path:
+                return self._by_module_path[name]
             if self._is_module_path(name):
                 return self._from_module(name)
         raise self._unknown(name)
@@ -109,5 +112,5 @@ class Registry:
         if entry is None:
             fix = f"a {self.kind} module must define {self.attribute} (see docs/ADDING_A_METHOD.md)"
             raise UnknownNameError(f"module {path!r} defines no {self.attribute}; {fix}", fix)
-        self._entries[path] = entry
+        self._by_module_path[path] = entry
         return entry

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
 from clrjax import methods, metrics as metrics_lib, optim, parallel
-from clrjax.data import augment, pipeline, sources
+from clrjax.data import augment, datasets, pipeline, sources
 
 
 class NonFiniteError(RuntimeError):
@@ -233,16 +233,30 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
 OPERATIONAL_FIELDS = ("log_every_steps", "checkpoint", "eval", "evals")
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted names of fields whose values differ (operational fields excluded)."""
+_ABSENT = "<absent>"
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "", defaults: Optional[dict] = None) -> list[str]:
+    """Dotted names of fields whose values differ (operational fields excluded).
+
+    A field absent from the saved config (written before the field existed)
+    whose current value is its ``base_config`` default is not a difference:
+    the older run computed with that default.
+    """
+    defaults = config_lib.base_config().to_dict() if defaults is None else defaults
     diffs = []
     for key in sorted(set(saved) | set(current)):
         field = f"{prefix}{key}"
         if field in OPERATIONAL_FIELDS:
             continue
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
+        default = defaults.get(key, _ABSENT) if isinstance(defaults, dict) else _ABSENT
+        if isinstance(b, dict) and a is _ABSENT:
+            a = {}  # a section the older run did not have: compare its fields with their defaults
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, prefix=f"{field}.")
+            diffs += config_differences(a, b, f"{field}.", default if isinstance(default, dict) else {})
+        elif a is _ABSENT and default is not _ABSENT and _normalise(b) == _normalise(default):
+            continue
         elif _normalise(a) != _normalise(b):
             diffs.append(f"{field}: {a!r} -> {b!r}")
     return diffs
@@ -320,6 +334,8 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     main = parallel.is_main_process()
     # build_experiment validates the config first: a bad config fails before the workdir is created.
     exp = build_experiment(config, mesh)
+    # Fields that follow from the data (e.g. image_folder class names) are recorded in config.json.
+    datasets.record_derived_fields(config)
     _check_workdir_writable(workdir)
     check_resume_config(workdir, config, allow_config_change)
 

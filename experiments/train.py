@@ -58,7 +58,7 @@ def main(argv):
                                     [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
     import jax
     from clrjax import checkpoint as ckpt_lib, config as config_lib, train
-    from clrjax.data import sources
+    from clrjax.data import folders, sources
     from clrjax.evaluation.run_eval import report_and_evaluate
 
     stop = _StopFlag()
@@ -78,6 +78,10 @@ def main(argv):
     except Exception as err:  # every process reports a fatal error with its id
         print(f"[process {pid}] fatal error: {type(err).__name__}: {err}", file=sys.stderr)
         raise
+    skipped = getattr(result.exp.train_source, "num_skipped", 0)
+    if skipped and jax.process_index() == 0:
+        report = folders.write_error_report(result.exp.train_source, _WORKDIR.value)
+        print(f"Skipped {skipped} bad inputs of the training split (dataset.on_error=skip); see {report}.")
     if result.stopped_early:
         print(f"Stopped at step {int(result.state.step)} after a stop request; checkpoint saved in "
               f"{os.path.abspath(_WORKDIR.value)}. Re-run the same command to resume.")

@@ -201,6 +201,15 @@ def test_a_run_from_before_the_method_interface_resumes(tmp_path):
     saved = json.loads(path.read_text())
     del saved["evals"]
     saved["eval"]["knn_every_steps"] = 0
+    # Fields and sections added since (at their defaults) are not a config change ...
+    for section in ("predictor", "momentum", "queue"):
+        saved.pop(section, None)
+    for field in ("path", "on_error", "split_fraction"):
+        saved["dataset"].pop(field, None)
     path.write_text(json.dumps(saved))
     result = train.train(config, str(tmp_path))
     assert result.steps_run == 2 and int(result.state.step) == 4
+    # ... but a field that was absent and now differs from its default is.
+    diffs = train.config_differences({"dataset": {"name": "digits"}},
+                                     {"dataset": {"name": "digits", "split_fraction": 0.5}})
+    assert diffs == ["dataset.split_fraction: '<absent>' -> 0.5"], diffs

@@ -17,7 +17,7 @@ a random-access source (``len``, ``source[indices] -> {'image': uint8
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from clrjax.registry import Registry
 
@@ -35,6 +35,9 @@ class Dataset:
       defaults: dotted config overrides for a dataset without a preset
         (e.g. ``{'augment.mean': (0.5,), 'augment.crop_size': 28}``).
       doc: one line for listings and errors.
+      derive: optional ``dataset_cfg -> {field: value}``: ``config.dataset`` fields that
+        follow from the data (e.g. ``class_names`` from folder names), filled in by
+        :func:`record_derived_fields` before a run so that config.json records them.
     """
 
     name: str
@@ -44,6 +47,7 @@ class Dataset:
     yields: Tuple[str, ...] = ("image", "label")
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     doc: str = ""
+    derive: Optional[Callable[[Mapping[str, Any]], Mapping[str, Any]]] = None
 
 
 DATASETS = Registry("dataset", {
@@ -55,8 +59,33 @@ DATASETS = Registry("dataset", {
     "stl10": "clrjax.data.sources:STL10",
     "imagenette": "clrjax.data.sources:IMAGENETTE",
     "imagenet2012": "clrjax.data.sources:IMAGENET2012",
+    "image_folder": "clrjax.data.folders:IMAGE_FOLDER",
+    "csv": "clrjax.data.folders:CSV",
+    "tsv": "clrjax.data.folders:TSV",
 }, attribute="DATASET")
 
 
 def get(name) -> Dataset:
     return DATASETS.get(name)
+
+
+def record_derived_fields(config) -> dict:
+    """Sets the dataset entry's ``derive`` fields on ``config.dataset`` (where they are still empty).
+
+    ``clrjax.train.train`` calls it after validation, so the run's config.json
+    records e.g. the class names that the folder names gave. A field already
+    set is kept (and checked against the data by the dataset itself). Returns
+    the fields set.
+    """
+    if config.dataset.name not in DATASETS:
+        return {}  # validate_config names the unknown dataset
+    entry = get(config.dataset.name)
+    if entry.derive is None:
+        return {}
+    derived = {}
+    for field, value in dict(entry.derive(config.dataset.to_dict())).items():
+        current = config.dataset.get(field, None)
+        if not current and value:
+            config.dataset[field] = value
+            derived[field] = value
+    return derived

@@ -14,6 +14,9 @@ How a loss becomes a trainable method (views, networks, state) is the
 method registry's business: :mod:`clrjax.methods`.
 """
 from clrjax.losses.barlow_twins import barlow_twins_loss
+from clrjax.losses.byol import byol_loss
+from clrjax.losses.moco_v2 import moco_v2_loss
+from clrjax.losses.moco_v3 import moco_v3_loss
 from clrjax.losses.simclr import simclr_loss
 from clrjax.losses.supcon import supcon_loss
 from clrjax.losses.supervised import supervised_ce_loss
@@ -22,6 +25,9 @@ from clrjax.losses.vicreg import vicreg_loss
 
 __all__ = [
     "barlow_twins_loss",
+    "byol_loss",
+    "moco_v2_loss",
+    "moco_v3_loss",
     "simclr_loss",
     "supcon_loss",
     "supervised_ce_loss",

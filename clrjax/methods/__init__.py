@@ -15,6 +15,9 @@ METHODS = Registry("method", {
     "tico": "clrjax.methods.tico:METHOD",
     "supcon": "clrjax.methods.supcon:METHOD",
     "supervised": "clrjax.methods.supervised:METHOD",
+    "byol": "clrjax.methods.byol:METHOD",
+    "moco_v3": "clrjax.methods.moco_v3:METHOD",
+    "moco_v2": "clrjax.methods.moco_v2:METHOD",
 }, attribute="METHOD")
 
 

@@ -123,3 +123,47 @@ def supcon(z_a, z_b, labels, temperature, xp=np):
     log_prob = logits - _logsumexp_rows(xp.where(is_self, -np.inf, logits), xp)[:, None]
     per_anchor = -xp.sum(xp.where(is_positive, log_prob, 0.0), axis=1) / is_positive.sum(axis=1)
     return xp.mean(per_anchor)
+
+
+def byol(p_a, p_b, t_a, t_b, xp=np, stop_gradient=lambda x: x):
+    """Grill et al. 2020 eq. 2, symmetrised: mean_i ||u(p_a,i) - u(t_b,i)||^2 + ||u(p_b,i) - u(t_a,i)||^2, u(x) = x / ||x||.
+
+    Written as the normalised squared error rather than 2 - 2 cos; the target
+    projections t are constants (``stop_gradient``).
+    """
+    t_a, t_b = stop_gradient(t_a), stop_gradient(t_b)
+    err_ab = _normalize(p_a, xp) - _normalize(t_b, xp)
+    err_ba = _normalize(p_b, xp) - _normalize(t_a, xp)
+    return xp.mean(xp.sum(err_ab * err_ab, axis=1) + xp.sum(err_ba * err_ba, axis=1))
+
+
+def target_momentum(k, total_steps, base, final=1.0):
+    """tau_k = final - (final - base) (cos(pi k / K) + 1) / 2 (BYOL sec. 3.2 with final = 1), float64."""
+    return final - (final - base) * (np.cos(np.pi * k / total_steps) + 1.0) / 2.0
+
+
+def moco_v3(q_a, q_b, k_a, k_b, temperature, xp=np, stop_gradient=lambda x: x):
+    """Chen, Xie & He 2021, Algorithm 1: ctr(q_a, k_b) + ctr(q_b, k_a) on the full batch, ctr scaled by 2T.
+
+    ctr(q, k) = 2T * mean_i [ -log softmax_j(u(q_i) . u(k_j) / T)_i ], keys constants.
+    """
+    def ctr(q, k):
+        logits = _normalize(q, xp) @ _normalize(stop_gradient(k), xp).T / temperature
+        idx = np.arange(q.shape[0])
+        return 2 * temperature * xp.mean(_logsumexp_rows(logits, xp) - logits[idx, idx])
+    return ctr(q_a, k_b) + ctr(q_b, k_a)
+
+
+def moco_v2(q, k, queue, temperature, xp=np, stop_gradient=lambda x: x):
+    """He et al. 2019 eq. 1: mean_i -log softmax([u(q_i).u(k_i), u(q_i).Q^T] / T)_0 on the full batch."""
+    u_q, u_k = _normalize(q, xp), _normalize(stop_gradient(k), xp)
+    logits = xp.concatenate([xp.sum(u_q * u_k, axis=1, keepdims=True), u_q @ stop_gradient(queue).T],
+                            axis=1) / temperature
+    return xp.mean(_logsumexp_rows(logits, xp) - logits[:, 0])
+
+
+def moco_v2_enqueue(queue, ptr, k, xp=np):
+    """The queue after a step: rows ptr .. ptr + N replaced by the unit keys in example order; ptr += N mod K."""
+    ptr, n = int(ptr), k.shape[0]
+    keys = _normalize(k, xp)
+    return xp.concatenate([queue[:ptr], keys, queue[ptr + n:]]), (ptr + n) % queue.shape[0]

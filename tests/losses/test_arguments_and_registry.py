@@ -55,9 +55,10 @@ def _kwarg_names(name):
 
 
 def test_registry_names_and_errors():
-    assert methods.names() == ("simclr", "barlow_twins", "vicreg", "tico", "supcon", "supervised")
+    assert methods.names() == ("simclr", "barlow_twins", "vicreg", "tico", "supcon", "supervised", "byol",
+                               "moco_v3", "moco_v2")
     with pytest.raises(ValueError, match="simclr, barlow_twins, vicreg, tico"):
-        methods.get("byol")
+        methods.get("swav")
     assert _kwarg_names("simclr") == ("temperature", "decoupled", "chunk_size", "monitors")
     assert _kwarg_names("tico") == ("beta", "rho", "impl", "monitors")
     assert "lambd" in _kwarg_names("barlow_twins")

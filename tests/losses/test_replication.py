@@ -25,12 +25,11 @@ def test_outputs_replicated_with_out_specs_p(name, impl):
     if not (takes_impl or takes_chunks) and impl == "column_split":
         pytest.skip(f"{name} has one layout")
     rng = np.random.default_rng(0)
-    z_a = rng.standard_normal((32, 16)).astype(np.float32)
-    z_b = rng.standard_normal((32, 16)).astype(np.float32)
     config = config_lib.base_config()
     config.projector.out_dim = 16
     state = method.init_state(config, {})
-    outputs = {"embeddings": np.stack([z_a, z_b], axis=1)}
+    # [32, 2, 16] per loss input (the 'embeddings', or e.g. BYOL's 'predictions' and 'targets')
+    outputs = {key: rng.standard_normal((32, 2, 16)).astype(np.float32) for key in method.loss_inputs}
     batch = {"label": rng.integers(0, 4, 32).astype(np.int32), "index": np.arange(32, dtype=np.int32)}
     mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
     sharded = jax.shard_map(lambda o, b, s: method.loss(o, b, s, axis_name="data", **kwargs), mesh=mesh,

@@ -1,7 +1,9 @@
 """Float64 references of every registered method, for the shared method-test harness.
 
 Each entry is ``reference(z, labels, state, kwargs, xp) -> (loss, new_state)``:
-``z`` [N, V, d] are the projector outputs of the V views of the global batch,
+``z`` [N, V, d] are the projector outputs of the V views of the global batch
+(for a method whose loss reads several model outputs, ``method.loss_inputs``,
+a dict of them, e.g. BYOL's {'predictions', 'targets'}),
 ``labels`` [N] its labels, ``state`` the method state before the step, and
 ``kwargs`` the method's ``config.loss``. They are written from the papers'
 definitions on the full batch (``tests/losses/reference.py``) and share no
@@ -50,6 +52,28 @@ def _supervised(z, labels, state, kw, xp):
     return -xp.sum(soft * log_p) / logits.shape[0], state
 
 
+def _byol(z, labels, state, kw, xp):
+    """z: {'predictions', 'targets'} [N, 2, d]; the state (target network, momentum) is unchanged by the loss."""
+    p, t = z["predictions"], z["targets"]
+    return reference.byol(p[:, 0], p[:, 1], t[:, 0], t[:, 1], xp=xp, stop_gradient=_stop_gradient(xp)), state
+
+
+def _moco_v3(z, labels, state, kw, xp):
+    """z: {'predictions' (queries), 'targets' (keys)} [N, 2, d]; state unchanged by the loss."""
+    q, k = z["predictions"], z["targets"]
+    return reference.moco_v3(q[:, 0], q[:, 1], k[:, 0], k[:, 1], kw["temperature"], xp=xp,
+                             stop_gradient=_stop_gradient(xp)), state
+
+
+def _moco_v2(z, labels, state, kw, xp):
+    """z: {'embeddings' (queries: view 0), 'targets' (keys: view 1)}; the keys then enter the queue."""
+    q, k = z["embeddings"][:, 0], z["targets"][:, 1]
+    stop = _stop_gradient(xp)
+    loss = reference.moco_v2(q, k, state["queue"], kw["temperature"], xp=xp, stop_gradient=stop)
+    queue, ptr = reference.moco_v2_enqueue(state["queue"], state["queue_ptr"], stop(k), xp=xp)
+    return loss, dict(state, queue=queue, queue_ptr=np.float64(ptr))
+
+
 def _stop_gradient(xp):
     if xp is np:
         return lambda x: x
@@ -64,4 +88,7 @@ REFERENCES = {
     "tico": _tico,
     "supcon": _supcon,
     "supervised": _supervised,
+    "byol": _byol,
+    "moco_v3": _moco_v3,
+    "moco_v2": _moco_v2,
 }

@@ -1,0 +1,34 @@
+"""BYOL (Grill et al. 2020, "Bootstrap Your Own Latent"): predict an EMA target's projection of the other view.
+
+Networks (sec. 3.1): the online network is encoder f, projector g and
+predictor q (``config.predictor``; ImageNet: 4096-256 as the projector,
+sec. 3.3); the target network is an encoder and projector of the same
+architecture whose parameters and BatchNorm statistics are the EMA of the
+online ones, with tau from ``config.momentum.base`` (0.996) to 1 on the cosine
+schedule tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 (sec. 3.2). The
+target is method state, runs in ``forward`` in training mode (batch
+statistics, as the official code) and is updated in ``after_update``
+(:mod:`clrjax.methods.momentum`). The online encoder is the one evaluated and
+exported (``params['encoder']``); the target never is.
+
+Loss (:func:`clrjax.losses.byol_loss`, eq. 2 symmetrised): the mean over the
+global batch of (2 - 2 cos(q(z_a), t_b)) + (2 - 2 cos(q(z_b), t_a)), with
+t the target's projections (stop-gradient).
+"""
+import dataclasses
+
+from clrjax.losses.byol import byol_loss
+from clrjax.methods.momentum import PredictorMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class BYOL(PredictorMethod):
+    def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
+        del batch
+        p, t = outputs["predictions"], outputs["targets"]
+        loss, metrics = byol_loss(p[:, 0], p[:, 1], t[:, 0], t[:, 1], axis_name=axis_name, **loss_kwargs)
+        return loss, state, metrics
+
+
+METHOD = BYOL(name="byol", loss_fn=byol_loss, loss_inputs=("predictions", "targets"),
+              source="Grill et al. 2020, sec. 3.1 eq. 2 (loss), sec. 3.2 (momentum schedule)")

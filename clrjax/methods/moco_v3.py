@@ -1,0 +1,36 @@
+"""MoCo v3 (Chen, Xie & He 2021): online queries against momentum keys of the global batch.
+
+Networks (sec. 3 and the official ``moco/builder.py``): the online network is
+encoder, projector and predictor (``config.predictor``); the momentum
+encoder is an encoder and projector of the same architecture whose
+parameters and BatchNorm statistics are the EMA of the online ones, with
+momentum from ``config.momentum.base`` (0.99) to 1 on a cosine schedule
+(sec. 4, "Momentum coefficient"; the official code steps it per epoch, clrjax
+per step with :mod:`clrjax.methods.momentum`, shared with BYOL). It is method
+state, runs in ``forward`` in training mode (batch statistics of the global
+batch, as the official code's SyncBN) and is updated in ``after_update``. The
+online encoder is what is evaluated and exported.
+
+Loss (:func:`clrjax.losses.moco_v3_loss`): ctr(q_a, k_b) + ctr(q_b, k_a), the
+InfoNCE of each online prediction against the momentum keys of the other view
+of the whole global batch (all-gathered; negatives = the global batch),
+temperature ``config.loss.temperature``, scaled by 2T as in the official code.
+No memory queue (that is MoCo v2).
+"""
+import dataclasses
+
+from clrjax.losses.moco_v3 import moco_v3_loss
+from clrjax.methods.momentum import PredictorMethod
+
+
+@dataclasses.dataclass(frozen=True)
+class MoCoV3(PredictorMethod):
+    def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
+        del batch
+        q, k = outputs["predictions"], outputs["targets"]
+        loss, metrics = moco_v3_loss(q[:, 0], q[:, 1], k[:, 0], k[:, 1], axis_name=axis_name, **loss_kwargs)
+        return loss, state, metrics
+
+
+METHOD = MoCoV3(name="moco_v3", loss_fn=moco_v3_loss, loss_inputs=("predictions", "targets"),
+                source="Chen, Xie & He 2021, sec. 3 Algorithm 1; momentum: sec. 4")
