@@ -150,7 +150,7 @@ def init_train_state(exp: Experiment) -> TrainState:
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params,
             batch_stats=variables.get("batch_stats", {}), opt_state=exp.tx.init(params),
-            method_state=exp.method.init_state(config, params),
+            method_state=exp.method.init_state(config, variables),
             rng=aug_key, skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
     return jax.jit(init_fn, out_shardings=parallel.replicated(exp.mesh))()

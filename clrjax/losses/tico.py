@@ -61,7 +61,7 @@ def _check_cov(cov, dim) -> None:
         raise ValueError(
             f"cov must have shape ({dim}, {dim}) to match the embedding dim {dim}, got "
             f"{getattr(cov, 'shape', type(cov))}; start from zeros of that shape "
-            "(what clrjax.methods.get('tico').init_state(config, params) gives)."
+            "(what clrjax.methods.get('tico').init_state(config, variables) gives)."
         )
 
 

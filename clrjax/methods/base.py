@@ -35,7 +35,7 @@ What a method declares (override what differs from the defaults):
                     (outputs, batch_stats)``: the networks on the views
                     (default: every view through the model as one batch);
                     a momentum method runs its target network here
-``init_state``      ``(config, params)``: step-0 method state, a pytree (TiCo's covariance, a
+``init_state``      ``(config, variables)``: step-0 method state, a pytree (TiCo's covariance, a
                     queue, EMA parameters); ``{}`` when stateless. It is
                     replicated, carried in the train state, checkpointed
 ``loss``            ``(outputs, batch, state, *, axis_name, **kw) ->
@@ -88,10 +88,11 @@ class Method:
         from clrjax import models  # local: methods are importable without flax models built
         return models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(), num_classes)
 
-    def init_state(self, config, params) -> Any:
-        """Step-0 method state (replicated pytree) from the config and the initial parameters
-        (a momentum target starts as a copy of them); ``{}`` for a stateless method."""
-        del config, params
+    def init_state(self, config, variables) -> Any:
+        """Step-0 method state (replicated pytree) from the config and the initial model
+        variables ``{'params', 'batch_stats'}`` (a momentum target starts as a copy of them);
+        ``{}`` for a stateless method."""
+        del config, variables
         return {}
 
     def param_labels(self, params: Mapping[str, Any]) -> Dict[str, Any]:

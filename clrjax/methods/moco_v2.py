@@ -33,8 +33,8 @@ QUEUE_SEED_SALT = 0x4D6F436F  # 'MoCo': the queue's key is fold_in(PRNGKey(seed)
 
 @dataclasses.dataclass(frozen=True)
 class MoCoV2(MomentumMethod):
-    def init_state(self, config, params):
-        state = super().init_state(config, params)
+    def init_state(self, config, variables):
+        state = super().init_state(config, variables)
         key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), QUEUE_SEED_SALT)
         queue = jax.random.normal(key, (int(config.queue.size), int(config.projector.out_dim)), jnp.float32)
         queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)

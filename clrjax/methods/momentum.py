@@ -42,11 +42,8 @@ The official BYOL code keeps the target's running statistics from its own
 forward passes; they matter only at inference, which BYOL never does with
 the target.
 
-At step 0 the target equals the online networks (parameters copied from
-``params``; BatchNorm statistics are the online network's initial ones,
-which Flax fixes at mean 0, variance 1 whatever the seed: ``init_state``
-re-derives them from the config, because the interface gives it only the
-parameters; ``tests/losses/test_byol.py`` checks they equal the trainer's).
+At step 0 the target equals the online networks (parameters and BatchNorm
+statistics copied from the initial variables that ``init_state`` receives).
 
 ``base`` and ``final`` are kept in the method state (``state['momentum']``),
 because ``after_update`` sees no config; they are set from ``config.momentum``
@@ -111,23 +108,11 @@ class MomentumMethod(Method):
     predictor: :class:`PredictorMethod`).
     """
 
-    def init_state(self, config, params):
-        target = {"params": jax.tree.map(jnp.copy, target_subtrees(params)),
-                  "batch_stats": self._initial_batch_stats(config)}
+    def init_state(self, config, variables):
+        target = jax.tree.map(jnp.copy, {"params": target_subtrees(variables.get("params", {})),
+                                         "batch_stats": target_subtrees(variables.get("batch_stats", {}))})
         momentum = {"base": jnp.float32(config.momentum.base), "final": jnp.float32(config.momentum.final)}
         return {"target": target, "momentum": momentum}
-
-    def _initial_batch_stats(self, config):
-        """The online networks' BatchNorm statistics at initialisation (Flax: mean 0, var 1)."""
-        model = self.build_model(config, 1)
-        crop = int(config.augment.crop_size)
-        dummy = jnp.zeros((2, crop, crop, max(1, len(config.augment.mean))), jnp.float32)
-        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
-        stats = variables.get("batch_stats", {})
-        # Flax's BatchNorm initialises 'mean' to zeros and 'var' to ones, independently of the key.
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: (jnp.ones if _leaf_name(path) == "var" else jnp.zeros)(leaf.shape, leaf.dtype),
-            target_subtrees(stats))
 
     def target_forward(self, model, state, views, *, train: bool):
         """views [B, V, ...] -> the target's projections [B, V, d] (stop-gradient)."""
@@ -153,11 +138,6 @@ class MomentumMethod(Method):
 
     def validate(self, config) -> None:
         check_momentum_config(config)
-
-
-def _leaf_name(path) -> str:
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from clrjax.methods.base import Method
 
 @dataclasses.dataclass(frozen=True)
 class TiCo(Method):
-    def init_state(self, config, params):
+    def init_state(self, config, variables):
         dim = int(config.projector.out_dim)
         return {"cov": jnp.zeros((dim, dim), jnp.float32)}
 

@@ -29,8 +29,8 @@ def ema_cosine_loss(z_a, z_b, t_a, t_b, *, axis_name=None):
 
 @dataclasses.dataclass(frozen=True)
 class EmaCosine(Method):
-    def init_state(self, config, params):
-        return {"target": jax.tree.map(jnp.copy, params)}  # the target starts as the online networks
+    def init_state(self, config, variables):
+        return {"target": jax.tree.map(jnp.copy, variables["params"])}  # the target starts as the online networks
 
     def forward(self, model, variables, views, state, *, train):
         outputs, batch_stats = super().forward(model, variables, views, state, train=train)
