@@ -380,6 +380,43 @@ def fill_loss_defaults(config) -> None:
 # --------------------------------------------------------------------------- loading
 
 
+# Fields renamed since a run's config.json may have been written: old dotted name -> new.
+RENAMED_FIELDS = {"eval.knn_every_steps": "evals.knn.every_steps"}
+
+
+def upgrade_saved_config(saved: Mapping) -> ml_collections.ConfigDict:
+    """A run's saved config.json as a config of this version of clrjax.
+
+    Fields added since it was written get their ``base_config`` defaults (what
+    the older run computed with); renamed fields (:data:`RENAMED_FIELDS`) move
+    to their new names. The open ``loss`` and ``model`` sections are kept as saved.
+    """
+    upgraded = _with_defaults(dict(saved), base_config().to_dict())
+    for old, new in RENAMED_FIELDS.items():
+        *old_parents, old_leaf = old.split(".")
+        node = upgraded
+        for name in old_parents:
+            node = node.get(name, {})
+        if old_leaf in node:
+            value = node.pop(old_leaf)
+            *new_parents, new_leaf = new.split(".")
+            target = upgraded
+            for name in new_parents:
+                target = target.setdefault(name, {})
+            target[new_leaf] = value
+    return ml_collections.ConfigDict(upgraded)
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    merged = dict(saved)
+    for key, default in defaults.items():
+        if key not in merged:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(merged[key], dict) and key not in ("loss", "model"):
+            merged[key] = _with_defaults(merged[key], default)
+    return merged
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """``'configs/simclr.py:digits'`` -> the ConfigDict, as ``--config=`` would build it."""
     path, _, arg = spec.partition(":")

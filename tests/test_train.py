@@ -209,6 +209,13 @@ def test_a_run_from_before_the_method_interface_resumes(tmp_path):
     path.write_text(json.dumps(saved))
     result = train.train(config, str(tmp_path))
     assert result.steps_run == 2 and int(result.state.step) == 4
+    # Evaluation reads the old config.json as a current config (new fields at their defaults).
+    from clrjax.evaluation import restore
+    path.write_text(json.dumps(saved))  # the resumed run rewrote config.json; evaluate the old one
+    upgraded = restore.load_run_config(str(tmp_path))
+    config_lib.validate_config(upgraded)
+    assert upgraded.evals.knn.every_steps == 0 and upgraded.dataset.on_error == "fail"
+    assert "knn_every_steps" not in upgraded.eval
     # ... but a field that was absent and now differs from its default is.
     diffs = train.config_differences({"dataset": {"name": "digits"}},
                                      {"dataset": {"name": "digits", "split_fraction": 0.5}})

@@ -99,7 +99,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
             f"{os.path.abspath(workdir)} has no {CONFIG_FILE}, so it is not a pretraining run directory; "
             "pass the --workdir given to experiments/train.py, or --config with --encoder=EXPORT_DIR.")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return config_lib.upgrade_saved_config(json.load(f))
 
 
 def check_config(config) -> ml_collections.ConfigDict:
