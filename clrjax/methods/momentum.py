@@ -81,7 +81,7 @@ def target_subtrees(tree):
 
 
 def _target_apply(module, x, train):
-    return module.projector(module.encoder(x, train=train), train=train)
+    return module.project(x, train)["embeddings"]
 
 
 def check_momentum_config(config) -> None:
@@ -153,5 +153,5 @@ class PredictorMethod(MomentumMethod):
         from clrjax import models
         predictor = dict(hidden_dims=tuple(config.predictor.hidden_dims), out_dim=int(config.projector.out_dim),
                          use_bn=bool(config.predictor.use_bn), last_bn=False)
-        return models.build_predictor_ssl_model(config.model.to_dict(), config.projector.to_dict(), predictor,
-                                                num_classes)
+        return models.build_ssl_model(config.model.to_dict(), config.projector.to_dict(), num_classes,
+                                      predictor_cfg=predictor)

@@ -34,7 +34,7 @@ what :func:`clrjax.export.export_encoder` takes).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from clrjax.models.cnn import SmallCNN
 from clrjax.models.encoders import ENCODERS, Encoder, as_sizes, check_positive_ints
 from clrjax.models.heads import LinearProbe, Projector
 from clrjax.models.resnet import ResNet
-from clrjax.models.ssl_model import PredictorSSLModel, SSLModel, encoder_variables
+from clrjax.models.ssl_model import SSLModel, encoder_variables
 from clrjax.models.vit import ViT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -51,8 +51,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 __all__ = [
     "ENCODERS", "Encoder", "DTYPES", "UnknownModelFieldError", "encoder_names", "resolve_model_config",
     "build_encoder", "num_features", "check_input_size", "build_projector", "build_ssl_model",
-    "build_predictor_ssl_model", "ResNet", "ViT", "SmallCNN", "Projector", "LinearProbe", "SSLModel",
-    "PredictorSSLModel", "encoder_variables",
+"ResNet", "ViT", "SmallCNN", "Projector", "LinearProbe", "SSLModel",
+    "encoder_variables",
 ]
 
 
@@ -168,21 +168,13 @@ def build_projector(projector_cfg: Mapping, dtype: Any = jnp.float32) -> Project
                      last_bn=cfg["last_bn"], dtype=dtype)
 
 
-def build_ssl_model(model_cfg: Mapping, projector_cfg: Mapping, num_classes: int) -> SSLModel:
-    """SSLModel(encoder, projector, probe with ``num_classes``); the projector computes in the encoder's dtype."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
-        raise ValueError(f"num_classes (of the online probe) must be a positive integer, got {num_classes!r}.")
-    encoder = build_encoder(model_cfg)
-    projector = build_projector(projector_cfg, dtype=DTYPES[resolve_model_config(model_cfg)["dtype"]])
-    return SSLModel(encoder=encoder, projector=projector, num_classes=int(num_classes))
-
-
-def build_predictor_ssl_model(model_cfg: Mapping, projector_cfg: Mapping, predictor_cfg: Mapping,
-                              num_classes: int) -> PredictorSSLModel:
-    """PredictorSSLModel: :func:`build_ssl_model`'s networks plus a predictor MLP (a Projector from
-    ``predictor_cfg``, same fields), all heads computing in the encoder's dtype."""
+def build_ssl_model(model_cfg: Mapping, projector_cfg: Mapping, num_classes: int,
+                    predictor_cfg: Optional[Mapping] = None) -> SSLModel:
+    """SSLModel(encoder, projector, probe with ``num_classes`` [, predictor from ``predictor_cfg``,
+    the projector's fields]); the heads compute in the encoder's dtype."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
         raise ValueError(f"num_classes (of the online probe) must be a positive integer, got {num_classes!r}.")
     dtype = DTYPES[resolve_model_config(model_cfg)["dtype"]]
-    return PredictorSSLModel(encoder=build_encoder(model_cfg), projector=build_projector(projector_cfg, dtype=dtype),
-                             predictor=build_projector(predictor_cfg, dtype=dtype), num_classes=int(num_classes))
+    predictor = None if predictor_cfg is None else build_projector(predictor_cfg, dtype=dtype)
+    return SSLModel(encoder=build_encoder(model_cfg), projector=build_projector(projector_cfg, dtype=dtype),
+                    num_classes=int(num_classes), predictor=predictor)

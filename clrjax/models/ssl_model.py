@@ -12,7 +12,7 @@ optimizer, and the export takes the 'encoder' subtree.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -21,17 +21,21 @@ from clrjax.models.heads import LinearProbe
 
 
 class SSLModel(nn.Module):
-    """Encoder + projector + online probe; see the module docstring.
+    """Encoder + projector [+ predictor] + online probe; see the module docstring.
 
     Attributes:
       encoder: any clrjax encoder (``__call__(x, train) -> [B, F]``).
       projector: a :class:`clrjax.models.heads.Projector`.
       num_classes: number of classes of the online linear probe.
+      predictor: optional MLP after the projector (BYOL, MoCo v3): its output
+        ``p = q(z)`` is ``'predictions'`` and its variables are 'predictor'.
+        Without it the variable tree is exactly encoder/projector/probe.
     """
 
     encoder: nn.Module
     projector: nn.Module
     num_classes: int
+    predictor: Optional[nn.Module] = None
 
     def setup(self):
         # The probe is built here (not passed in) so its name is always 'probe';
@@ -39,11 +43,18 @@ class SSLModel(nn.Module):
         self.probe = LinearProbe(self.num_classes)
 
     def __call__(self, x, train: bool) -> Dict[str, jax.Array]:
-        """x: float [B, H, W, C] -> dict(features, embeddings, probe_logits)."""
+        """x: float [B, H, W, C] -> dict(features, embeddings, [predictions,] probe_logits)."""
+        out = self.project(x, train)
+        if self.predictor is not None:
+            out["predictions"] = self.predictor(out["embeddings"], train=train)
+        out["probe_logits"] = self.probe(jax.lax.stop_gradient(out["features"]))
+        return out
+
+    def project(self, x, train: bool) -> Dict[str, jax.Array]:
+        """x -> dict(features, embeddings): encoder and projector only. Applied to a momentum
+        target's variables (those two subtrees) this is BYOL's target / MoCo's key encoder."""
         h = self.encoder(x, train=train)
-        z = self.projector(h, train=train)
-        logits = self.probe(jax.lax.stop_gradient(h))
-        return {"features": h, "embeddings": z, "probe_logits": logits}
+        return {"features": h, "embeddings": self.projector(h, train=train)}
 
     def encode(self, x, train: bool = False) -> jax.Array:
         """x: float [B, H, W, C] -> features [B, F] float32 (encoder only)."""
@@ -58,42 +69,3 @@ def encoder_variables(ssl_variables: Mapping[str, Any]) -> Dict[str, Any]:
     expects and what ``build_encoder(cfg).apply`` accepts.
     """
     return {name: tree["encoder"] for name, tree in ssl_variables.items() if "encoder" in tree}
-
-
-class PredictorSSLModel(nn.Module):
-    """Encoder + projector + predictor + online probe: the online network of BYOL and MoCo v3.
-
-        h = f(x)                       features     [B, F] float32
-        z = g(h)                       embeddings   [B, D] float32 (the projection)
-        p = q(z)                       predictions  [B, D] float32 (the predictor)
-        logits = probe(stop_grad(h))   probe_logits [B, num_classes] float32
-
-    Variables: 'encoder', 'projector', 'predictor', 'probe'. :meth:`project`
-    runs only the encoder and the projector, which is the momentum target
-    network (BYOL's target, MoCo's key encoder) when applied to the target's
-    variables (those two subtrees only).
-    """
-
-    encoder: nn.Module
-    projector: nn.Module
-    predictor: nn.Module
-    num_classes: int
-
-    def setup(self):
-        self.probe = LinearProbe(self.num_classes)
-
-    def __call__(self, x, train: bool) -> Dict[str, jax.Array]:
-        """x: float [B, H, W, C] -> dict(features, embeddings, predictions, probe_logits)."""
-        h = self.encoder(x, train=train)
-        z = self.projector(h, train=train)
-        return {"features": h, "embeddings": z, "predictions": self.predictor(z, train=train),
-                "probe_logits": self.probe(jax.lax.stop_gradient(h))}
-
-    def project(self, x, train: bool) -> Dict[str, jax.Array]:
-        """x -> dict(features, embeddings): encoder and projector only (the target network)."""
-        h = self.encoder(x, train=train)
-        return {"features": h, "embeddings": self.projector(h, train=train)}
-
-    def encode(self, x, train: bool = False) -> jax.Array:
-        """x: float [B, H, W, C] -> features [B, F] float32 (encoder only)."""
-        return self.encoder(x, train=train)
