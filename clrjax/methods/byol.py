@@ -15,20 +15,8 @@ Loss (:func:`clrjax.losses.byol_loss`, eq. 2 symmetrised): the mean over the
 global batch of (2 - 2 cos(q(z_a), t_b)) + (2 - 2 cos(q(z_b), t_a)), with
 t the target's projections (stop-gradient).
 """
-import dataclasses
-
 from clrjax.losses.byol import byol_loss
 from clrjax.methods.momentum import PredictorMethod
 
-
-@dataclasses.dataclass(frozen=True)
-class BYOL(PredictorMethod):
-    def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
-        del batch
-        p, t = outputs["predictions"], outputs["targets"]
-        loss, metrics = byol_loss(p[:, 0], p[:, 1], t[:, 0], t[:, 1], axis_name=axis_name, **loss_kwargs)
-        return loss, state, metrics
-
-
-METHOD = BYOL(name="byol", loss_fn=byol_loss, loss_inputs=("predictions", "targets"),
-              source="Grill et al. 2020, sec. 3.1 eq. 2 (loss), sec. 3.2 (momentum schedule)")
+METHOD = PredictorMethod(name="byol", loss_fn=byol_loss, loss_inputs=("predictions", "targets"),
+                         source="Grill et al. 2020, sec. 3.1 eq. 2 (loss), sec. 3.2 (momentum schedule)")

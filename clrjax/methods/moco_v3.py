@@ -17,20 +17,8 @@ of the whole global batch (all-gathered; negatives = the global batch),
 temperature ``config.loss.temperature``, scaled by 2T as in the official code.
 No memory queue (that is MoCo v2).
 """
-import dataclasses
-
 from clrjax.losses.moco_v3 import moco_v3_loss
 from clrjax.methods.momentum import PredictorMethod
 
-
-@dataclasses.dataclass(frozen=True)
-class MoCoV3(PredictorMethod):
-    def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
-        del batch
-        q, k = outputs["predictions"], outputs["targets"]
-        loss, metrics = moco_v3_loss(q[:, 0], q[:, 1], k[:, 0], k[:, 1], axis_name=axis_name, **loss_kwargs)
-        return loss, state, metrics
-
-
-METHOD = MoCoV3(name="moco_v3", loss_fn=moco_v3_loss, loss_inputs=("predictions", "targets"),
-                source="Chen, Xie & He 2021, sec. 3 Algorithm 1; momentum: sec. 4")
+METHOD = PredictorMethod(name="moco_v3", loss_fn=moco_v3_loss, loss_inputs=("predictions", "targets"),
+                         source="Chen, Xie & He 2021, sec. 3 Algorithm 1; momentum: sec. 4")

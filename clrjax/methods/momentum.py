@@ -147,7 +147,15 @@ class PredictorMethod(MomentumMethod):
     The predictor is an MLP of ``config.predictor.hidden_dims`` hidden layers
     (Linear - BatchNorm (``use_bn``) - ReLU) and a linear output layer of
     ``config.projector.out_dim`` units; its output is ``outputs['predictions']``.
+    Its loss is ``loss_fn(p_a, p_b, t_a, t_b, *, axis_name, **kw)``: the online
+    predictions of both views against the target's projections of both views.
     """
+
+    def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
+        del batch
+        p, t = outputs["predictions"], outputs["targets"]
+        loss, metrics = self.loss_fn(p[:, 0], p[:, 1], t[:, 0], t[:, 1], axis_name=axis_name, **loss_kwargs)
+        return loss, state, metrics
 
     def build_model(self, config, num_classes: int):
         from clrjax import models
