@@ -43,9 +43,11 @@ params/fc/{kernel,bias}             fc.{weight,bias} (only with a head)     [in,
 ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` then loads
 every backbone weight; only ``fc.*`` stays missing (the SSL encoder has no
 classifier). Exceptions: with ``cifar_stem=True`` ``conv1.weight`` is
-``[w, 3, 3, 3]``: first set ``model.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)``
-and ``model.maxpool = nn.Identity()``; a ``width_multiplier`` other than 1 has
-no torchvision equivalent (shapes differ).
+``[w, C, 3, 3]``: first set ``model.conv1 = nn.Conv2d(C, w, 3, 1, 1, bias=False)``
+and ``model.maxpool = nn.Identity()``; grayscale inputs (C = 1, e.g. the
+fashion_mnist presets) need a 1-channel ``conv1`` with either stem; a
+``width_multiplier`` other than 1 has no torchvision equivalent (shapes
+differ). The complete loading code is below.
 
 timm names (ViT, ``encoder_timm.pt``)
 -------------------------------------
@@ -63,8 +65,8 @@ params/head/{kernel,bias}            head.{weight,bias} (if any)    [in,out]->[o
 ===================================  =============================  ==========
 
 ``pos_embed`` has ``1 + (H/16)(W/16)`` rows for the training image size
-(197 only at 224x224); load with ``strict=False`` for ``head.*`` and build the
-timm model with ``img_size=`` the training size otherwise.
+(197 only at 224x224): build the timm model with ``img_size=`` the training
+size; with ``num_classes=0`` (no head) every key loads strictly.
 
 Loading, per format (what a user writes)
 ----------------------------------------
@@ -74,31 +76,84 @@ clrjax, from the directory (Orbax) or the single .safetensors file::
     encoder = load_encoder("out_dir")                       # or "out_dir/encoder.safetensors"
     features = encoder(images)                              # float [B, H, W, C] -> [B, F]
 
+``load_encoder(path, dtype='float32')`` computes in float32 by default, also
+for exports of bfloat16 runs (``dtype=None``: the recorded dtype).
+
 Flax without the loader (Orbax)::
 
     import json, orbax.checkpoint as ocp
     from clrjax.models import build_encoder
     cfg = json.load(open("out_dir/model_config.json"))
     variables = ocp.StandardCheckpointer().restore("/abs/path/out_dir/encoder")
-    features = build_encoder(cfg).apply(variables, images, train=False)
+    features = build_encoder(dict(cfg, dtype="float32")).apply(variables, images, train=False)
 
 safetensors (any framework; numpy shown)::
 
     from safetensors.numpy import load_file
     arrays = load_file("out_dir/encoder.safetensors")       # {'params/conv1/kernel': ndarray, ...}
 
-PyTorch / torchvision (ResNet)::
+PyTorch / torchvision (ResNet), complete: stems, ``model.eval()`` (BatchNorm
+with its running statistics; in training mode the features are wrong) and
+the recorded preprocessing (the same block as docs/EVALUATION.md, run by
+tests/test_export.py)::
 
-    import torch, torchvision
-    model = torchvision.models.resnet50()
-    missing, unexpected = model.load_state_dict(torch.load("out_dir/encoder_torchvision.pt"), strict=False)
-    model.fc = torch.nn.Identity()                          # features = model(images_nchw)
+    import json, torch, torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    export = "runs/simclr_c10/export"
+    cfg = json.load(open(f"{export}/model_config.json"))       # name, cifar_stem, ...
+    pre = json.load(open(f"{export}/preprocessing.json"))      # mean, std, image_size
+    state_dict = torch.load(f"{export}/encoder_torchvision.pt")
+
+    model = getattr(torchvision.models, cfg["name"])()         # resnet18, resnet34 or resnet50
+    width, channels = state_dict["conv1.weight"].shape[:2]     # 64; 3 (RGB) or 1 (grayscale presets)
+    if cfg["cifar_stem"]:                                      # 3x3 stride-1 stem conv, no max-pool
+        model.conv1 = torch.nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    elif channels != 3:
+        model.conv1 = torch.nn.Conv2d(channels, width, 7, 2, 3, bias=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    model.fc = torch.nn.Identity()                             # the encoder has no classifier
+    model.eval()                                               # BatchNorm with its running statistics
+
+    preprocess = transforms.Compose([
+        transforms.Resize(pre["image_size"]),                  # shorter side; bilinear, antialiased
+        transforms.CenterCrop(pre["image_size"]),
+        transforms.ToTensor(),                                 # uint8 HWC -> float CHW in [0, 1]
+        transforms.Normalize(pre["mean"], pre["std"]),
+    ])
+    image = Image.open("image.png").convert("RGB" if channels == 3 else "L")
+    with torch.no_grad():
+        features = model(preprocess(image).unsqueeze(0))       # [1, 512] (resnet18/34) or [1, 2048]
 
 PyTorch / timm (ViT)::
 
-    import timm, torch
-    model = timm.create_model("vit_base_patch16_224", num_classes=0)
-    model.load_state_dict(torch.load("out_dir/encoder_timm.pt"), strict=False)
+    import json, timm, torch
+    from PIL import Image
+    from torchvision import transforms
+
+    export = "runs/vit_c10/export"
+    cfg = json.load(open(f"{export}/model_config.json"))       # name: vit_tiny, vit_small or vit_base
+    pre = json.load(open(f"{export}/preprocessing.json"))      # mean, std, image_size
+    state_dict = torch.load(f"{export}/encoder_timm.pt")
+
+    channels = state_dict["patch_embed.proj.weight"].shape[1]  # 3 (RGB) or 1 (grayscale presets)
+    model = timm.create_model(f"{cfg['name']}_patch16_224", num_classes=0,  # no head: features
+                              img_size=pre["image_size"], in_chans=channels)
+    model.load_state_dict(state_dict)                          # every key, no head
+    model.eval()
+
+    preprocess = transforms.Compose([
+        transforms.Resize(pre["image_size"]),                  # shorter side; bilinear, antialiased
+        transforms.CenterCrop(pre["image_size"]),
+        transforms.ToTensor(),                                 # uint8 HWC -> float CHW in [0, 1]
+        transforms.Normalize(pre["mean"], pre["std"]),
+    ])
+    image = Image.open("image.png").convert("RGB" if channels == 3 else "L")
+    with torch.no_grad():
+        features = model(preprocess(image).unsqueeze(0))       # [1, 192] (tiny), 384 (small), 768 (base)
 
 Inputs are float NHWC for clrjax and NCHW for torch, normalised exactly as in
 training. The export does not apply any normalisation; pass the training
@@ -117,7 +172,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clrjax.models import build_encoder, resolve_model_config
+from clrjax.models import DTYPES, build_encoder, resolve_model_config
 
 FORMATS = ("orbax", "safetensors", "torch")
 FORMAT_NAME = "clrjax-encoder"
@@ -376,8 +431,18 @@ def _read_directory(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional
                      "pass the directory written by export_encoder or its .safetensors file.")
 
 
-def load_encoder(path: str) -> Encoder:
-    """Loads an export: the directory (Orbax + model_config.json, else its safetensors) or a .safetensors file."""
+def load_encoder(path: str, dtype: Optional[str] = "float32") -> Encoder:
+    """Loads an export: the directory (Orbax + model_config.json, else its safetensors) or a .safetensors file.
+
+    ``dtype`` is the compute dtype of the loaded encoder: ``'float32'``
+    (default) or ``'bfloat16'``, or None for the one recorded in
+    ``model_config.json`` (the training run's, ``bfloat16`` for the imagenet
+    presets). The parameters are float32 either way; a bfloat16 forward pass
+    is 0.4-1.3 % off the float32 one, so evaluation defaults to float32.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"load_encoder: dtype is {dtype!r}; use one of {', '.join(DTYPES)} "
+                         "(or None for the dtype the export records).")
     path = os.path.abspath(path)
     if os.path.isdir(path):
         cfg, variables, preprocessing = _read_directory(path)
@@ -386,4 +451,6 @@ def load_encoder(path: str) -> Encoder:
     else:
         raise ValueError(f"{path} is neither an export directory nor a .safetensors file; "
                          "pass the out_dir given to export_encoder.")
+    if dtype is not None:
+        cfg = dict(cfg, dtype=dtype)
     return Encoder(cfg, variables, preprocessing)

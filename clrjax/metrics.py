@@ -2,7 +2,8 @@
 
 A run's workdir holds:
   workdir/tensorboard/events.out.tfevents.*   scalars for TensorBoard
-  workdir/metrics.jsonl                       one {"step": s, name: value, ...} per write
+  workdir/metrics.jsonl                       one {"step": s, name: value, ...} per write; a resumed
+                                              run first drops the rows after its checkpoint (`truncate_after`)
   workdir/config.json                         the resolved config (`write_config_json`)
   workdir/<name>.json                         anything else (`MetricWriter.write_json`)
 
@@ -186,6 +187,52 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def truncate_after(workdir: str, step: int | None) -> int:
+    """Drops the rows of `workdir/metrics.jsonl` whose step is after `step`; returns how many.
+
+    Call it when a run resumes from the checkpoint of `step` (None or 0: a
+    fresh start), before anything is appended. The interrupted invocation
+    logged steps past that checkpoint, and the resumed one logs them again:
+    without this the file would hold the replayed steps twice (e.g. 70 rows
+    for a 40-step run). The rows of the run that continued are the ones kept.
+    The file is rewritten atomically (the original lines, byte for byte), and
+    only if a row goes; a torn last line goes too. Lines that are not valid
+    JSON elsewhere are kept (their step is unknown). Process 0 only.
+    """
+    path = os.path.join(workdir, METRICS_FILENAME)
+    if not os.path.exists(path):
+        return 0
+    limit = int(step or 0)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline; otherwise a partial last line
+    kept, dropped = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > limit:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped or torn:
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".jsonl")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
+    return dropped
+
+
 def write_config_json(workdir: str, config: Any) -> str:
     """Atomically writes the resolved `config` to `workdir/config.json`; returns the path.
 
@@ -226,7 +273,7 @@ class ProgressLine:
     training) set `min_interval_s`, so printing never costs measurable time
     (the rate still counts every call), and `in_place`, so one stderr line is
     redrawn instead of a line per batch; `close` then prints the final state
-    and ends the line: `extract_features: batch 40/40, 5120 examples | 9,876 img/s | ETA 0s`.
+    and ends the line: `extract_features: batch 40/40, 5,120 examples | 9,876 img/s | ETA 0s`.
 
     Args:
       total_steps: steps in the run; None when unknown (no ETA is shown).
@@ -269,6 +316,15 @@ class ProgressLine:
         self._last = (step, now)
         return now
 
+    def due(self) -> bool:
+        """Whether an `update` now would emit a line (enabled and not within `min_interval_s`).
+
+        Loops whose steps are dispatched asynchronously block on their work
+        only when this is true, then call `update`: the recorded intervals
+        then time finished work, not dispatches, at no cost per step.
+        """
+        return self.enabled and not self._too_soon(self._clock())
+
     def _too_soon(self, now: float) -> bool:
         return self._last_emitted is not None and now - self._last_emitted < self.min_interval_s
 
@@ -305,7 +361,7 @@ class ProgressLine:
         if self.total_steps is not None:
             position += f"/{self.total_steps}"
         if examples is not None:
-            position += f", {examples} examples"
+            position += f", {examples:,} examples"
         parts = [position]
         parts += [f"{name} {_scalar_to_float(name, v):.4g}" for name, v in metrics.items()]
         sec_per_step = self.seconds_per_step()

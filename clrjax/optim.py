@@ -373,9 +373,12 @@ def build_optimizer(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
     if warmup_steps > total_steps:
+        longest = math.floor(total_steps / steps_per_epoch * 1e4) / 1e4  # 4 decimals, rounded down
         raise ValueError(
             f"opt_cfg.warmup_epochs={cfg['warmup_epochs']} is {warmup_steps} steps, longer than "
-            f"the {total_steps} training steps; shorten the warmup or train longer."
+            f"the {total_steps} training steps ({steps_per_epoch} steps per epoch); pass "
+            f"--opt_cfg.warmup_epochs={longest:g} or less (0: no warmup), or train longer "
+            "(--config.num_steps, or --config.num_epochs when num_steps is 0)."
         )
     peak_lr = scaled_learning_rate(cfg["lr"], global_batch, cfg["lr_scaling"], cfg["base_batch"])
     schedule = warmup_cosine_schedule(peak_lr, total_steps, warmup_steps, cfg["end_lr"])

@@ -125,6 +125,30 @@ def test_export_loads_to_the_checkpoint_features(run, reference, tmp_path):
     from_export = run_eval.run_knn_eval(restore.from_export(out, tiny_config()))
     assert from_export["step"] == 4 and from_export["origin"] == "export"
     assert from_export["knn"] == run_eval.run_knn_eval(restore.from_workdir(run))["knn"]
+    # Without --config, the training config the export records (dataset, splits, preprocessing).
+    recorded = restore.from_export(out)
+    assert recorded.config.to_dict() == restore.from_workdir(run).config.to_dict()
+    assert run_eval.run_knn_eval(recorded)["knn"] == from_export["knn"]
+
+
+def test_export_refuses_to_replace_another_runs_export(run, tmp_path):
+    out = str(tmp_path / "export")
+    restore.export_run(run, out)
+    _, notes, _ = restore.export_run(run, out)  # the same run and step again: idempotent
+    assert not [n for n in notes if "replaced" in n]
+    other = str(tmp_path / "other_run")  # a copy stands in for another run (no second training)
+    shutil.copytree(run, other)
+    with pytest.raises(restore.EvalInputError,
+                       match=rf"{out} already holds the export of {run} step 4; pass --overwrite to replace it"):
+        restore.export_run(other, out, formats=["orbax"])
+    assert json.load(open(os.path.join(out, restore.EXPORT_SOURCE_FILE)))["workdir"] == run  # untouched
+    _, notes, _ = restore.export_run(other, out, formats=["orbax"], overwrite=True)
+    assert any(f"replaced the export of {run} step 4 (--overwrite)" in n for n in notes)
+    assert json.load(open(os.path.join(out, restore.EXPORT_SOURCE_FILE)))["workdir"] == other
+    assert not os.path.exists(os.path.join(out, "encoder.safetensors"))  # no stale format of the old export
+    # A run without a target network cannot export one.
+    with pytest.raises(restore.EvalInputError, match="this simclr run keeps no target network"):
+        restore.export_run(run, str(tmp_path / "target"), network="target")
 
 
 def test_export_fails_when_torch_is_asked_for_cnn_small(run, tmp_path):
@@ -133,9 +157,14 @@ def test_export_fails_when_torch_is_asked_for_cnn_small(run, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_augmented_protocol_and_few_shot(run):
+def test_augmented_protocol_and_few_shot(run, capsys):
     results = run_eval.run_linear_eval(restore.from_workdir(run), protocol="augmented", epochs=1,
-                                       batch_size=128, few_shot_eval=True, shots=(1, 5), seeds=2)
+                                       batch_size=128, few_shot_eval=True, shots=(1, 5), seeds=2, progress=True)
+    # The probe's line counts steps and their examples (steps x batch), timed only on finished steps.
+    progress = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("linear_probe_augmented: step 11/11, 1,408 examples | ") for line in progress)
+    first = next(line for line in progress if line.startswith("linear_probe_augmented: step"))
+    assert first.startswith("linear_probe_augmented: step 1/11, 128 examples | - img/s")
     aug = results["augmented"]
     assert 0.0 <= aug["top1"] <= aug["top5"] <= 1.0 and np.isfinite(aug["train_loss"])
     assert aug["lr"] == pytest.approx(0.1 * 128 / 256) and aug["steps_per_epoch"] == 1438 // 128
@@ -177,8 +206,6 @@ def test_export_dir_checks(run, tmp_path):
     os.remove(out / "model_config.json")
     with pytest.raises(restore.EvalInputError, match="has no model_config.json"):
         restore.from_export(str(out), tiny_config())
-    with pytest.raises(restore.EvalInputError, match="needs --config"):
-        restore.from_export(str(out), None)
     with pytest.raises(restore.EvalInputError, match="exactly one of --workdir"):
         restore.from_flags(run, str(out), tiny_config(), None)
 
@@ -186,6 +213,9 @@ def test_export_dir_checks(run, tmp_path):
     restore.export_run(run, str(full), formats=["safetensors"])
     with pytest.raises(restore.EvalInputError, match=r"mean=\[0.27\] but config.augment.mean"):
         restore.from_export(str(full), tiny_config(**{"augment.mean": (0.5,)}))
+    os.remove(full / restore.EXPORT_SOURCE_FILE)  # e.g. written by export_encoder itself
+    with pytest.raises(restore.EvalInputError, match=r"records no training config .*; pass --config=configs/"):
+        restore.from_export(str(full), None)
 
 
 # --------------------------------------------------------------------------- results table

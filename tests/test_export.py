@@ -20,6 +20,18 @@ from clrjax.models import build_encoder
 from clrjax.models.vit import ViT
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def doc_snippet(name):
+    """The ```python block after ``<!-- snippet:NAME -->`` in docs/EVALUATION.md, verbatim."""
+    import re
+    with open(os.path.join(ROOT, "docs", "EVALUATION.md")) as f:
+        text = f.read()
+    start = text.index(f"<!-- snippet:{name} -->")
+    return re.match(r"\s*```python\n(.*?)```", text[start + len(f"<!-- snippet:{name} -->"):], re.S).group(1)
+
+
 def random_variables(module, x, seed=0):
     """Variables of ``module`` filled with random values (no init compile): fan-in scaled
     kernels, non-trivial BN statistics and affine parameters."""
@@ -114,6 +126,36 @@ def test_export_errors(tmp_path, cnn_export):
     with pytest.raises(ValueError, match="neither"):
         load_encoder(str(tmp_path))
     assert FORMATS == ("orbax", "safetensors", "torch")
+
+
+def test_load_encoder_computes_in_float32_unless_asked(tmp_path):
+    # A bfloat16 run's export (the imagenet presets record dtype bfloat16).
+    cfg = {"name": "cnn_small", "widths": [4, 8], "dtype": "bfloat16"}
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype(np.float32)
+    variables = random_variables(build_encoder(cfg), x)
+    export_encoder(str(tmp_path), cfg, variables, formats=("safetensors",))
+    float32 = load_encoder(str(tmp_path))
+    assert float32.model_cfg["dtype"] == "float32"
+    expected = features(build_encoder(dict(cfg, dtype="float32")), variables, x)
+    np.testing.assert_allclose(np.asarray(float32(x)), expected, rtol=1e-6, atol=1e-6)
+    recorded = load_encoder(str(tmp_path), dtype=None)
+    assert recorded.model_cfg["dtype"] == "bfloat16" == load_encoder(str(tmp_path), dtype="bfloat16").model_cfg["dtype"]
+    assert not np.allclose(np.asarray(recorded(x)), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dtype is 'float16'; use one of float32, bfloat16"):
+        load_encoder(str(tmp_path), dtype="float16")
+
+
+def test_docs_readme_and_docstring_show_the_same_torch_snippets():
+    """The tested blocks of docs/EVALUATION.md are the ones README.md and clrjax/export.py show."""
+    import textwrap
+    import clrjax.export
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    torchvision_snippet, timm_snippet = doc_snippet("torchvision"), doc_snippet("timm")
+    assert "model.eval()" in torchvision_snippet and "Normalize(pre[\"mean\"], pre[\"std\"])" in torchvision_snippet
+    assert f"```python\n{torchvision_snippet}```" in readme
+    for snippet in (torchvision_snippet, timm_snippet):
+        assert textwrap.indent(snippet, "    ") in clrjax.export.__doc__
 
 
 # ---------------------------------------------------------------------------
@@ -340,3 +382,68 @@ def test_vit_export_writes_timm_file(tmp_path):
     assert sorted(state_dict) == sorted(k for k in reference if not k.startswith("head."))
     for key, value in state_dict.items():
         assert tuple(value.shape) == tuple(reference[key].shape), key
+
+
+# ---------------------------------------------------------------------------
+# The loading snippets of docs/EVALUATION.md, executed as written
+# ---------------------------------------------------------------------------
+
+def import_or_skip(name):
+    """pytest.importorskip that also skips a package that is installed but fails to import
+    (PyPI's torchvision beside a CPU torch: 'operator torchvision::nms does not exist')."""
+    try:
+        return __import__(name)
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"{name} is not importable ({type(err).__name__}: {err}); the docs snippet needs it")
+
+
+def run_snippet(snippet, export_dir, tmp_path, monkeypatch, cfg, variables, image, preprocessing):
+    """Writes the export to the path the snippet names and its image.png, runs the snippet in
+    tmp_path; returns its namespace."""
+    from PIL import Image
+    import re
+    path = tmp_path / re.search(r'export = "([^"]+)"', snippet).group(1)
+    export_encoder(str(path), cfg, variables, preprocessing=preprocessing)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "docs/EVALUATION.md", "exec"), namespace)
+    return namespace
+
+
+def snippet_inputs(module, size, channels, seed=0):
+    """A random uint8 image, its preprocessing record, the clrjax input and random variables."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+    mean, std = [0.3, 0.4, 0.5][:channels], [0.2, 0.25, 0.3][:channels]
+    x = ((image.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std))[None]
+    return image, {"mean": mean, "std": std, "image_size": size}, x, random_variables(module, x, seed)
+
+
+@pytest.mark.parametrize("cifar_stem,channels,size", [(False, 3, 32), (True, 1, 16)], ids=["rgb", "gray_cifar_stem"])
+def test_torchvision_snippet_from_the_docs(cifar_stem, channels, size, tmp_path, monkeypatch):
+    import_or_skip("torchvision")
+    cfg = {"name": "resnet18", "cifar_stem": cifar_stem}
+    module = build_encoder(cfg)
+    image, preprocessing, x, variables = snippet_inputs(module, size, channels)
+    ns = run_snippet(doc_snippet("torchvision"), "export", tmp_path, monkeypatch, cfg, variables, image,
+                     preprocessing)
+    expected = features(module, variables, x)
+    got = ns["features"].numpy()
+    assert got.shape == expected.shape == (1, 512)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # The check has teeth: without model.eval() (BatchNorm on batch statistics) it would fail.
+    with torch.no_grad():  # (two copies: BatchNorm trains on more than one value per channel)
+        train_mode = ns["model"].train()(ns["preprocess"](ns["image"]).expand(2, -1, -1, -1)).numpy()[:1]
+    assert np.abs(train_mode - expected).max() > 0.1 * np.abs(expected).max()
+
+
+def test_timm_snippet_from_the_docs(tmp_path, monkeypatch):
+    import_or_skip("timm")
+    import_or_skip("torchvision")
+    cfg = {"name": "vit_tiny"}
+    module = build_encoder(cfg)
+    image, preprocessing, x, variables = snippet_inputs(module, 32, 3)
+    ns = run_snippet(doc_snippet("timm"), "export", tmp_path, monkeypatch, cfg, variables, image, preprocessing)
+    expected = features(module, variables, x)
+    np.testing.assert_allclose(ns["features"].numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

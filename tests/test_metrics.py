@@ -171,3 +171,35 @@ def test_plot_curves_writes_png_for_present_keys(tmp_path):
     assert data[:8] == PNG_MAGIC and len(data) > 1000
     with pytest.raises(ValueError, match="available"):
         metrics.plot_curves(str(jsonl), str(tmp_path / "none.png"), keys=("knn_acc",))
+
+
+def test_truncate_after_drops_the_replayed_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with metrics.MetricWriter(str(tmp_path)) as writer:
+        for step in range(1, 7):
+            writer.write_scalars(step, {"loss": 1.0 / step})
+        writer.write_scalars(4, {"knn20_top1": 0.5})  # an evaluation row shares its step
+    with open(path, "a") as f:
+        f.write('{"step": 7, "lo')  # torn by a kill
+    lines = path.read_text().split("\n")
+    assert metrics.truncate_after(str(tmp_path), 4) == 2  # steps 5 and 6
+    assert [r["step"] for r in metrics.read_metrics(str(path))] == [1, 2, 3, 4, 4]
+    assert path.read_text() == "\n".join(lines[:4] + lines[6:7]) + "\n"  # the kept lines, byte for byte
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]
+    before = path.stat().st_mtime_ns
+    assert metrics.truncate_after(str(tmp_path), 4) == 0 and path.stat().st_mtime_ns == before  # no rewrite
+    assert metrics.truncate_after(str(tmp_path), None) == 5 and path.read_text() == ""  # a fresh start
+    assert metrics.truncate_after(str(tmp_path / "missing"), 3) == 0
+
+
+def test_progress_line_counts_examples_and_is_due_by_interval():
+    clock, lines = _FakeClock(), []
+    progress = metrics.ProgressLine(450, emit=lines.append, clock=clock, label="probe: step", min_interval_s=0.25)
+    assert progress.due()
+    assert progress.update(1, {}, images_per_step=256, examples=256) == "probe: step 1/450, 256 examples | - img/s | ETA ?"
+    assert not progress.due()
+    clock.now += 2.0
+    assert progress.due()
+    line = progress.update(9, {}, images_per_step=256, examples=9 * 256)
+    assert line == "probe: step 9/450, 2,304 examples | 1,024 img/s | ETA 1m50s"  # 8 steps in 2 s
+    assert not metrics.ProgressLine(10, enabled=False).due()

@@ -46,10 +46,10 @@ def place_batch(array: Any, sharding: Optional[NamedSharding]) -> jax.Array:
     return jax.device_put(array, sharding)
 
 
-def batch_progress(name: str, total: Optional[int], enabled: bool) -> ProgressLine:
-    """One redrawn stderr line, ``name: batch i/total | ... img/s``, for a loop over batches."""
+def batch_progress(name: str, total: Optional[int], enabled: bool, unit: str = "batch") -> ProgressLine:
+    """One redrawn stderr line, ``name: batch i/total, n examples | ... img/s``, for a loop over batches."""
     # ~4 Hz: often enough to watch, rare enough that printing costs nothing per batch.
-    return ProgressLine(total, enabled, label=f"{name}: batch", min_interval_s=0.25, in_place=True)
+    return ProgressLine(total, enabled, label=f"{name}: {unit}", min_interval_s=0.25, in_place=True)
 
 
 def extract_features(
@@ -78,7 +78,10 @@ def extract_features(
         ``mesh``), an argument of the compiled function.
 
     Batch ``i+1`` is dispatched before batch ``i`` is copied back to the
-    host, so device compute overlaps the device-to-host transfer.
+    host, so device compute overlaps the device-to-host transfer. The
+    progress line counts batches whose features have reached the host; its
+    rate (images/s) appears from the second one on, so the first batch's
+    compilation is never counted as throughput.
     """
     sharding = batch_sharding(mesh) if mesh is not None else None
     compiled = jax.jit(encode_fn)
@@ -88,28 +91,32 @@ def extract_features(
 
     feature_chunks, label_chunks = [], []
     pending = None  # (device features, host labels, host mask) of the previous batch
-    steps = examples = batch_size = 0
+    done = examples = batch_size = 0
 
     def collect(item):
+        """Copies a batch's features to the host (blocking on them) and counts it as done."""
+        nonlocal done, examples
         features, labels, mask = item
         features = np.asarray(features, dtype=np.float32).reshape(labels.shape[0], -1)
         feature_chunks.append(features[mask])
         label_chunks.append(labels[mask])
+        done += 1
+        examples += int(mask.sum())
 
     for batch in batches:
         labels = np.asarray(batch["label"]).astype(np.int32)
         mask = np.asarray(batch.get("mask", np.ones(labels.shape, bool))).astype(bool)
         features = encode(place_batch(batch["image"], sharding))
         if pending is not None:
+            # The line counts finished batches (their features are on the host), so the
+            # first one, which includes the compilation, only starts the clock.
             collect(pending)
+            bar.update(done, {}, images_per_step=batch_size, examples=examples)
         pending = (features, labels, mask)
-        steps += 1
-        examples += int(mask.sum())
         batch_size = labels.shape[0]
-        bar.update(steps, {}, images_per_step=batch_size, examples=examples)
     if pending is not None:
         collect(pending)
-    bar.close(steps, {}, images_per_step=batch_size, examples=examples)
+    bar.close(done, {}, images_per_step=batch_size, examples=examples)
 
     if not feature_chunks:
         raise ValueError("extract_features got no batches.")

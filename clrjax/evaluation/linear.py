@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clrjax.evaluation.features import batch_progress, extract_features, place_batch
 from clrjax.parallel import batch_sharding
@@ -448,7 +448,10 @@ def linear_probe_augmented(
     head = opt_state = None
     step = batch_size = 0
     epoch_losses = []
-    bar = batch_progress("linear_probe_augmented", total_steps, progress)
+    # Steps are dispatched asynchronously; the line blocks on the latest loss only when it
+    # is redrawn (~4 Hz), so its rate times finished steps and the first step (compilation)
+    # only starts the clock. examples = steps x batch size.
+    bar = batch_progress("linear_probe_augmented", total_steps, progress, unit="step")
     for epoch in range(epochs):
         key = jax.random.fold_in(base_key, epoch)
         # Device scalars, summed once per epoch: a float() per step would
@@ -468,13 +471,19 @@ def linear_probe_augmented(
                 num_features = math.prod(feature_shape.shape[1:])
                 head = zero_params(num_features, num_classes)
                 opt_state = optimizer.init(head)
+                if mesh is not None:  # placed as the step returns them: the step compiles once
+                    head, opt_state = jax.device_put((head, opt_state), NamedSharding(mesh, PartitionSpec()))
             lr_t = jnp.float32(cosine_lr(lr, step, total_steps))
             head, opt_state, loss = train_step(head, opt_state, variables, batch, key, lr_t)
             epoch_losses.append(loss)
             step += 1
             batch_size = len(batch["label"])
-            bar.update(step, {}, images_per_step=batch_size)
-    bar.close(step, {}, images_per_step=batch_size)
+            if bar.due():
+                jax.block_until_ready(loss)
+                bar.update(step, {}, images_per_step=batch_size, examples=step * batch_size)
+    if bar.enabled:
+        jax.block_until_ready(head)
+    bar.close(step, {}, images_per_step=batch_size, examples=step * batch_size)
     if head is None:
         raise ValueError("linear_probe_augmented got no training batches.")
 

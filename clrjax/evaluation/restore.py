@@ -11,14 +11,16 @@ what to evaluate it on):
   topology wrote it (:meth:`clrjax.checkpoint.Checkpointer.restore_subtree`).
 * :func:`from_export` -- a directory (or ``.safetensors`` file) written by
   :func:`clrjax.export.export_encoder`; the model comes from the export, the
-  dataset and preprocessing from the given config, which must agree with the
+  dataset and preprocessing from the training config the export records
+  (``export_source.json``) or from a given config, which must agree with the
   export's stored normalisation.
 
 Every check a user can fail (no checkpoint, a config of another architecture,
 an unknown split, a directory that is not an export) runs here, before any
 feature is extracted or any program compiled, and raises :class:`EvalInputError`
 with one sentence naming the problem and the fix. :func:`export_run` writes an
-export of a run's encoder (what ``experiments/export.py`` does).
+export of a run's encoder, online or (momentum methods) target, and refuses to
+replace another run's export (what ``experiments/export.py`` does).
 """
 from __future__ import annotations
 
@@ -27,19 +29,27 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from clrjax import config as config_lib, export as export_lib, models
-from clrjax.checkpoint import Checkpointer, leaf_shapes
+from clrjax import config as config_lib, export as export_lib, metrics as metrics_lib, models
+from clrjax.checkpoint import CheckpointDamagedError, Checkpointer, leaf_shapes
 from clrjax.data import augment, sources
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_SOURCE_FILE = "export_source.json"
+# online: the encoder that is trained (and evaluated); target: the EMA target network of a
+# momentum method (BYOL, MoCo), kept in the method state (clrjax/methods/momentum.py).
+NETWORKS = ("online", "target")
+# What an export directory holds (written by export_encoder and export_run).
+EXPORT_FILES = (export_lib.CONFIG_FILE, export_lib.PREPROCESSING_FILE, export_lib.ORBAX_DIR,
+                export_lib.SAFETENSORS_FILE, export_lib.TORCHVISION_FILE, export_lib.TIMM_FILE,
+                EXPORT_SOURCE_FILE)
 
 
 class EvalInputError(ValueError):
@@ -56,6 +66,8 @@ class FrozenEncoder:
       config: ConfigDict; evaluation reads ``dataset``, ``augment``, ``eval``, ``seed``.
       origin: ``'workdir'`` or ``'export'``; ``path`` the directory it came from.
       step: the checkpoint step (None for an export without provenance).
+      network: ``'online'`` (the trained encoder) or ``'target'`` (a momentum
+        method's EMA target encoder).
     """
     model_cfg: Dict[str, Any]
     variables: Dict[str, Any]
@@ -63,6 +75,7 @@ class FrozenEncoder:
     origin: str
     path: str
     step: Optional[int]
+    network: str = "online"
 
     @property
     def module(self):
@@ -221,15 +234,34 @@ def encoder_of_state(state: Mapping[str, Any]) -> Dict[str, Any]:
     return models.encoder_variables({k: v for k, v in variables.items() if v})
 
 
+def target_encoder_of_state(state: Mapping[str, Any], method: str) -> Dict[str, Any]:
+    """The EMA target's encoder variables from a restored ``{'method_state': ...}`` tree.
+
+    A momentum method keeps ``method_state['target'] = {'params': {'encoder',
+    'projector'}, 'batch_stats': {...}}`` (:mod:`clrjax.methods.momentum`).
+    """
+    target = (state.get("method_state") or {}).get("target") or {}
+    if "encoder" not in (target.get("params") or {}):
+        raise EvalInputError(
+            f"--network=target: this {method} run keeps no target network (only the momentum methods, "
+            "such as byol, moco_v2 and moco_v3, do); export its online encoder (drop --network).")
+    return models.encoder_variables({k: v for k, v in target.items() if v})
+
+
 def from_workdir(workdir: str, config=None, step: Optional[int] = None,
-                 check_splits: bool = True) -> FrozenEncoder:
+                 check_splits: bool = True, network: str = "online") -> FrozenEncoder:
     """The encoder of a pretraining run's checkpoint (latest unless ``step``).
 
     ``config`` (a ConfigDict, e.g. ``--config``) replaces the run's
     ``config.json``; its model must match the checkpoint's shapes. Checks,
     in order: the checkpoint's presence, the config, the splits
     (``check_splits``), then the architecture against the restored variables.
+    ``network='target'`` reads a momentum method's EMA target encoder from
+    the method state instead of the online encoder.
     """
+    if network not in NETWORKS:
+        raise EvalInputError(f"--network={network!r} is unknown; use online (the trained encoder, the default) "
+                             "or target (the EMA target encoder of a momentum method such as byol).")
     checkpointer, step = checkpoint_step(workdir, step)
     try:
         config = load_run_config(workdir) if config is None else check_config(config)
@@ -239,13 +271,18 @@ def from_workdir(workdir: str, config=None, step: Optional[int] = None,
             model_cfg = models.resolve_model_config(config.model.to_dict())
         except ValueError as err:
             raise EvalInputError(f"config.model is invalid: {err}") from None
-        state = checkpointer.restore_subtree(step, keys=ENCODER_STATE_KEYS)
+        keys = ENCODER_STATE_KEYS if network == "online" else ("method_state",)
+        try:
+            state = checkpointer.restore_subtree(step, keys=keys)  # verified against its checksums
+        except CheckpointDamagedError as err:
+            others = ", ".join(str(s) for s in checkpointer.all_steps() if s != step) or "none"
+            raise EvalInputError(f"{err} (the run's other steps: {others}; pass one with --step)") from None
     finally:
         checkpointer.close()
-    variables = encoder_of_state(state)
+    variables = encoder_of_state(state) if network == "online" else target_encoder_of_state(state, config.method)
     check_variables_fit(model_cfg, variables, model_input_shape(config),
                         f"the checkpoint {checkpointer.directory}/{step} does not fit config.model")
-    return FrozenEncoder(model_cfg, variables, config, "workdir", os.path.abspath(workdir), step)
+    return FrozenEncoder(model_cfg, variables, config, "workdir", os.path.abspath(workdir), step, network)
 
 
 # --------------------------------------------------------------------------- from an export
@@ -285,30 +322,47 @@ def check_preprocessing(stored: Optional[Mapping[str, Any]], config, path: str) 
                 "(the encoder expects its training preprocessing).")
 
 
-def from_export(path: str, config, check_splits: bool = True) -> FrozenEncoder:
-    """The encoder of an export (:func:`clrjax.export.load_encoder`), evaluated per ``config``."""
-    if config is None:
-        raise EvalInputError("--encoder needs --config for the dataset and preprocessing, e.g. "
-                             "--config=configs/simclr.py:digits.")
-    config = check_config(config)
+def recorded_config(path: str, provenance: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The training config an export records: ``export_source.json``'s ``config``, else its run's config.json."""
+    if provenance.get("config"):
+        return config_lib.upgrade_saved_config(provenance["config"])
+    workdir = provenance.get("workdir")
+    if workdir and os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # exports of older clrjax versions
+        return load_run_config(workdir)
+    why = (f"its run directory {workdir} has no {CONFIG_FILE}" if workdir
+           else f"it has no {EXPORT_SOURCE_FILE} naming its training run")
+    raise EvalInputError(f"--encoder={path} records no training config ({why}); pass "
+                         "--config=configs/<method>.py:<preset> for the dataset and preprocessing.")
+
+
+def from_export(path: str, config=None, check_splits: bool = True) -> FrozenEncoder:
+    """The encoder of an export (:func:`clrjax.export.load_encoder`), evaluated per ``config``.
+
+    Without ``config`` the training config the export records is used
+    (:func:`recorded_config`): the run's dataset, splits and preprocessing.
+    The encoder computes in the dtype the export records (the run's), as
+    :func:`from_workdir` does, so both give the same numbers.
+    """
     path = os.path.abspath(path)
     check_export_path(path)
+    provenance = read_export_source(path)
+    config = recorded_config(path, provenance) if config is None else check_config(config)
     if check_splits:
         load_splits(config)
     try:
-        loaded = export_lib.load_encoder(path)
+        loaded = export_lib.load_encoder(path, dtype=None)
     except ValueError as err:
         raise EvalInputError(str(err)) from None
     check_preprocessing(loaded.preprocessing, config, path)
     variables = jax.tree.map(np.asarray, loaded.variables)
     check_variables_fit(loaded.model_cfg, variables, model_input_shape(config),
                         f"the export {path} does not fit config.dataset/config.augment")
-    provenance = read_export_source(path)
-    return FrozenEncoder(loaded.model_cfg, variables, config, "export", path, provenance.get("step"))
+    return FrozenEncoder(loaded.model_cfg, variables, config, "export", path, provenance.get("step"),
+                         provenance.get("network", "online"))
 
 
 def read_export_source(path: str) -> Dict[str, Any]:
-    """``export_source.json`` (run workdir, step) of an export made by :func:`export_run`, or {}."""
+    """``export_source.json`` (run workdir, step, network, config) of an export made by :func:`export_run`, or {}."""
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     source = os.path.join(directory, EXPORT_SOURCE_FILE)
     if not os.path.isfile(source):
@@ -321,7 +375,7 @@ def from_flags(workdir: Optional[str], encoder: Optional[str], config, step: Opt
     """Exactly one of ``workdir``/``encoder``, as the evaluation programs take them."""
     if bool(workdir) == bool(encoder):
         raise EvalInputError("pass exactly one of --workdir=RUN (a pretraining run) or "
-                             "--encoder=EXPORT_DIR (with --config).")
+                             "--encoder=EXPORT_DIR (an export made by experiments/export.py).")
     if workdir:
         return from_workdir(workdir, config, step)
     if step is not None:
@@ -371,23 +425,72 @@ def export_formats(model_cfg: Mapping, requested: Optional[Sequence[str]]) -> Tu
     return formats, notes
 
 
+def _describe_export(source: Mapping[str, Any], name_network: bool = False) -> str:
+    if not source.get("workdir"):
+        return f"an encoder export of unknown origin (no {EXPORT_SOURCE_FILE})"
+    network = source.get("network", "online")
+    network = f" ({network} network)" if name_network or network != "online" else ""
+    return f"the export of {source['workdir']} step {source.get('step')}{network}"
+
+
+def prepare_export_dir(out: str, source: Mapping[str, Any], overwrite: bool) -> list:
+    """Checks that ``out`` may receive the export of ``source``; returns notes.
+
+    ``out`` may be new, hold no export, or hold an export of the same run and
+    network (re-exporting is idempotent; another step of the run replaces it,
+    with a note). An export of another run or network, or one of unknown
+    origin, is replaced only with ``overwrite``. Whenever the previous export
+    is replaced, its files go first, so no stale format outlives it.
+    """
+    existing = [name for name in EXPORT_FILES if os.path.exists(os.path.join(out, name))]
+    if not existing:
+        return []
+    previous = read_export_source(out)
+    key = lambda src: (src.get("workdir"), src.get("step"), src.get("network", "online"))
+    if key(previous) == key(source):
+        return []  # the same export again
+    same_run = bool(previous) and key(previous)[::2] == key(source)[::2]
+    if not same_run and not overwrite:
+        same_workdir = previous.get("workdir") == source["workdir"]
+        raise EvalInputError(f"{out} already holds {_describe_export(previous, same_workdir)}; pass --overwrite "
+                             "to replace it, or choose another --out.")
+    notes = [f"replaced {_describe_export(previous)}" + ("" if same_run else " (--overwrite)") + "."]
+    results = [n for n in ("linear_eval.json", "knn_eval.json") if os.path.isfile(os.path.join(out, n))]
+    if results:
+        notes.append(f"{', '.join(results)} in {out} describe the replaced export; re-run the evaluation.")
+    if jax.process_index() == 0:
+        for name in existing:
+            target = os.path.join(out, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    if jax.process_count() > 1:  # nobody writes before process 0 has removed the old files
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("clrjax_export_dir_prepared")
+    return notes
+
+
 def export_run(workdir: str, out: Optional[str] = None, formats: Optional[Sequence[str]] = None,
-               step: Optional[int] = None) -> Tuple[Dict[str, str], list, FrozenEncoder]:
+               step: Optional[int] = None, network: str = "online",
+               overwrite: bool = False) -> Tuple[Dict[str, str], list, FrozenEncoder]:
     """Exports a run's encoder; returns ({format: path}, notes, the encoder).
 
     Writes :func:`clrjax.export.export_encoder`'s files (default into
     ``<workdir>/export``) with the run's preprocessing, plus
-    ``export_source.json`` (workdir, step) so evaluations of the export can
-    name the checkpoint it came from.
+    ``export_source.json`` (workdir, step, network and the run's resolved
+    config) so evaluations of the export can name the checkpoint it came from
+    and need no ``--config``. ``network='target'`` exports a momentum
+    method's EMA target encoder. Refuses (:class:`EvalInputError`) to replace
+    another run's export unless ``overwrite`` (:func:`prepare_export_dir`).
     """
-    encoder = from_workdir(workdir, None, step, check_splits=False)
+    encoder = from_workdir(workdir, None, step, check_splits=False, network=network)
     formats, notes = export_formats(encoder.model_cfg, formats)
     out = os.path.abspath(out or os.path.join(workdir, "export"))
+    source = {"workdir": encoder.path, "step": encoder.step, "network": network}
+    notes += prepare_export_dir(out, source, overwrite)
     written = export_lib.export_encoder(out, encoder.model_cfg, encoder.variables, formats=formats,
                                         preprocessing=preprocessing_of(encoder.config))
     if jax.process_index() == 0:
-        with open(os.path.join(out, EXPORT_SOURCE_FILE), "w") as f:
-            json.dump({"workdir": encoder.path, "step": encoder.step}, f, indent=2)
+        metrics_lib.write_json_file(os.path.join(out, EXPORT_SOURCE_FILE),
+                                    dict(source, config=encoder.config.to_dict()))
     for note in notes:
         logging.info("export: %s", note)
     return written, notes, encoder

@@ -136,7 +136,7 @@ def augmented_linear_result(encoder: FrozenEncoder, mesh=None, *, epochs: int = 
 def provenance(encoder: FrozenEncoder) -> dict:
     """What was evaluated, on what: stored with every result."""
     ds = encoder.config.dataset
-    return {"origin": encoder.origin, "path": encoder.path, "step": encoder.step,
+    return {"origin": encoder.origin, "path": encoder.path, "step": encoder.step, "network": encoder.network,
             "model": encoder.model_cfg, "dataset": ds.name, "train_split": ds.train_split,
             "test_split": ds.test_split, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -214,7 +214,8 @@ def format_knn_line(result: Mapping[str, Any], path: str) -> str:
 
 def _what(info: Mapping[str, Any]) -> str:
     step = f" step {info['step']}" if info.get("step") is not None else ""
-    return f"{info['origin']} {info['path']}{step}, {info['dataset']} {info['test_split']}"
+    network = " (target network)" if info.get("network", "online") != "online" else ""
+    return f"{info['origin']} {info['path']}{step}{network}, {info['dataset']} {info['test_split']}"
 
 
 # --------------------------------------------------------------------------- end of training
