@@ -360,6 +360,7 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
         _announce(main, f"Resumed from step {latest} in {checkpointer.directory}")
     if main:
         metrics_lib.write_config_json(workdir, config)
+        metrics_lib.truncate_after(workdir, latest)  # steps after the checkpoint are replayed: log them once
 
     start = int(jax.device_get(state.step))
     if start >= exp.total_steps:

@@ -2,7 +2,7 @@ r"""Weighted kNN evaluation of a frozen encoder (Wu et al. 2018): a run's checkp
 
 COMMAND:
   python experiments/knn_eval.py --workdir=runs/simclr_digits
-  python experiments/knn_eval.py --encoder=runs/simclr_digits/export --config=configs/simclr.py:digits
+  python experiments/knn_eval.py --encoder=runs/simclr_digits/export      # the export's recorded config
   python experiments/knn_eval.py --workdir=runs/simclr_digits --ks=20,200 --temperature=0.07
 
 Each test feature votes with its k nearest (cosine) training features, weight exp(s / T)

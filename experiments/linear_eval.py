@@ -4,7 +4,7 @@ COMMAND:
   python experiments/linear_eval.py --workdir=runs/simclr_digits                       # features protocol
   python experiments/linear_eval.py --workdir=runs/simclr_digits --few_shot            # + 1/5/10/25-shot
   python experiments/linear_eval.py --workdir=runs/simclr_digits --protocol=augmented --epochs=90
-  python experiments/linear_eval.py --encoder=runs/simclr_digits/export --config=configs/simclr.py:digits
+  python experiments/linear_eval.py --encoder=runs/simclr_digits/export   # its recorded config (--config overrides)
 
 Protocols (clrjax/evaluation/run_eval.py; docs/EVALUATION.md):
   features   CLIP app. A.3: logistic regression on frozen features, l2 chosen on a held-out 20%.
