@@ -212,6 +212,60 @@ def trace_step(config, mesh=None, lower: bool = True) -> dict:
             "steps_per_epoch": int(exp.steps_per_epoch), "total_steps": int(exp.total_steps)}
 
 
+def compile_step_memory(config, mesh=None) -> dict:
+    """Per-device memory of the train step from XLA's analysis of the compiled program; nothing runs.
+
+    The state and the batch are abstract (shapes and shardings only), so a
+    ViT-B step at batch 4,096 can be sized on a CPU with simulated devices:
+    'temp_bytes' (activations and other temporaries), 'argument_bytes' (train
+    state + batch), 'output_bytes', and 'total_bytes', their sum with the
+    donated state counted once (the output state reuses the argument buffers).
+    """
+    exp = train.build_experiment(config, mesh)
+    state = jax.eval_shape(lambda: train.init_train_state(exp))
+    b, (h, w, c) = config.batch_size, exp.image_shape
+    rows = parallel.batch_sharding(exp.mesh)
+    batch = {"image": jax.ShapeDtypeStruct((b, h, w, c), jnp.uint8, sharding=rows),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows),
+             "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)}
+    t0 = time.perf_counter()
+    compiled = train.make_train_step(exp).lower(state, batch).compile()
+    cost = compiled_cost(compiled)
+    state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state)) // exp.mesh.size
+    return {"batch_size": b, "micro_batch_size": int(config.micro_batch_size), "devices": exp.mesh.size,
+            "temp_bytes": cost["temp_size_in_bytes"], "argument_bytes": cost["argument_size_in_bytes"],
+            "output_bytes": cost["output_size_in_bytes"],
+            "total_bytes": cost["temp_size_in_bytes"] + cost["argument_size_in_bytes"]
+            + max(0, cost["output_size_in_bytes"] - state_bytes),
+            "compile_s": time.perf_counter() - t0}
+
+
+def largest_fitting_batch(config, budget_bytes: float, *, mesh=None, start: int = 256,
+                          micro_batch_size: int = 0, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """The largest global batch ``start * 2**k`` whose compiled step needs at most ``budget_bytes``
+    per device (``compile_step_memory``'s total), by doubling then bisecting between powers of two
+    on multiples of ``start``; with ``micro_batch_size`` the micro-batch stays fixed."""
+    def fits(batch: int) -> bool:
+        row = compile_step_memory(config_lib.apply_overrides(
+            config, {"batch_size": batch, "micro_batch_size": micro_batch_size,
+                     "dataset.num_examples": batch}), mesh)
+        row["fits"] = row["total_bytes"] <= budget_bytes
+        if on_row is not None:
+            on_row(row)
+        return row["fits"]
+
+    if not fits(start):
+        return {"largest_batch": 0, "budget_bytes": budget_bytes}
+    low = start
+    while fits(2 * low):
+        low *= 2
+    high = 2 * low  # low fits, high does not: bisect on multiples of start
+    while high - low > start:
+        mid = (low + high) // 2 // start * start
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return {"largest_batch": low, "budget_bytes": budget_bytes}
+
+
 def benchmark_input(config, *, steps: int = 10, warmup: int = 2, mesh=None) -> dict:
     """Images/s of the host loader alone, and of host loader + transfer + on-device augmentation.
 

@@ -5,6 +5,11 @@ COMMAND:
   python experiments/benchmark.py --config=configs/simclr.py:imagenet --config.batch_size=256
   # throughput against batch size
   python experiments/benchmark.py --config=configs/simclr.py:cifar10 --sweep_batch=64,128,256
+  # compile-only memory per device (nothing runs), with and without gradient caching, and the
+  # largest global batch that fits 80 GB per device (8 simulated CPU devices)
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmark.py \
+      --config=configs/simclr.py:imagenet,encoder=vit_base --config.batch_size=4096 \
+      --mode=memory --memory_micro_batch=0,256 --memory_budget_gb=80
   # loss-only: forward+backward time and compiled temporary memory per (N, d)
   python experiments/benchmark.py --config=configs/simclr.py:digits --mode=loss \
       --loss_methods=simclr,barlow_twins --loss_batch=1024,4096 --loss_dims=128,2048 \
@@ -24,7 +29,7 @@ from clrjax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<method>.py:<preset>).",
                                          lock_config=False)
-_MODE = flags.DEFINE_list("mode", ["step", "input"], "Any of: step, input, loss.")
+_MODE = flags.DEFINE_list("mode", ["step", "input"], "Any of: step, input, memory, loss.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _SWEEP_BATCH = flags.DEFINE_list("sweep_batch", None, "Global batch sizes to sweep in step mode.")
@@ -36,6 +41,10 @@ _LOSS_BATCH = flags.DEFINE_list("loss_batch", ["1024", "4096"], "Global N for lo
 _LOSS_DIMS = flags.DEFINE_list("loss_dims", ["128", "2048"], "Embedding dims d for loss mode.")
 _LOSS_IMPL = flags.DEFINE_list("loss_impl", ["auto"], "impl values swept for Barlow Twins, VICReg, TiCo "
                                "(auto, replicated, column_split).")
+_MEMORY_MICRO = flags.DEFINE_list("memory_micro_batch", ["0"], "memory mode: micro_batch_size values to size "
+                                  "(0 = no gradient caching).")
+_MEMORY_BUDGET = flags.DEFINE_float("memory_budget_gb", 0.0, "memory mode: also search the largest global batch "
+                                    "whose step needs at most this many GB (1e9 bytes) per device; 0 = no search.")
 _JSON_OUT = flags.DEFINE_string("json_out", "benchmark.json", "Where to write the results.")
 
 
@@ -102,13 +111,76 @@ def _print_loss_row(r):
           flush=True)
 
 
+def _print_memory_row(r):
+    fits = "" if "fits" not in r else (" | fits" if r["fits"] else " | does not fit")
+    print(f"memory batch {r['batch_size']:>7} micro {r['micro_batch_size'] or '-':>5} | temp "
+          f"{_fmt_bytes(r['temp_bytes'])}/dev | args {_fmt_bytes(r['argument_bytes'])}/dev | total "
+          f"{_fmt_bytes(r['total_bytes'])}/dev | compile {r['compile_s']:.0f}s{fits}", flush=True)
+
+
+def _memory_rows(config, results):
+    """Compile-only memory of the step per micro-batch setting, and the largest fitting batch."""
+    from clrjax import benchmarking, config as config_lib
+    results["memory"], results["largest_batch"] = [], []
+
+    def on_row(row):
+        _print_memory_row(row)
+        results["memory"].append(row)
+        _write(results)
+
+    sizes = [int(b) for b in _SWEEP_BATCH.value] if _SWEEP_BATCH.value else [config.batch_size]
+    for micro in (int(m) for m in _MEMORY_MICRO.value):
+        for b in sizes:
+            cfg = benchmarking.synthetic_config(config_lib.apply_overrides(
+                config, {"batch_size": b, "micro_batch_size": micro}), num_examples=b)
+            on_row(benchmarking.compile_step_memory(cfg))
+        if _MEMORY_BUDGET.value > 0:
+            cfg = benchmarking.synthetic_config(config, num_examples=config.batch_size)
+            found = benchmarking.largest_fitting_batch(cfg, _MEMORY_BUDGET.value * 1e9, micro_batch_size=micro,
+                                                       start=max(256, micro), on_row=on_row)
+            found["micro_batch_size"] = micro
+            print(f"largest global batch within {_MEMORY_BUDGET.value:g} GB/device, micro batch "
+                  f"{micro or '-'}: {found['largest_batch']}", flush=True)
+            results["largest_batch"].append(found)
+            _write(results)
+
+
+# Checked at the start of main, before anything is built (clrjax/cli.py).
+_RULES = (cli.one_of("mode", ("step", "input", "memory", "loss"), many=True),
+          cli.int_at_least("steps", 1), cli.int_at_least("warmup", 0),
+          cli.ints_at_least("sweep_batch", 1, "global batch sizes"),
+          cli.positive_number("peak_tflops"),
+          cli.ints_at_least("loss_batch", 1, "global batch sizes N"), cli.ints_at_least("loss_dims", 1, "dims d"),
+          cli.one_of("loss_impl", ("auto", "replicated", "column_split"), many=True),
+          cli.ints_at_least("memory_micro_batch", 0, "micro_batch_size values, 0 = no gradient caching"),
+          cli.positive_number("memory_budget_gb", "GB per device, 0 = no search", allow_zero=True))
+
+
+def _check_flags() -> None:
+    from clrjax import methods
+    from clrjax.registry import UnknownNameError
+
+    cli.check_flags("benchmark", _RULES)
+    for name in _LOSS_METHODS.value if "loss" in _MODE.value else ():
+        try:
+            methods.get(name)
+        except UnknownNameError as err:
+            cli.fail("benchmark", f"--loss_methods has {name!r}, which is not a method; {err.fix}.")
+    cli.check_output_file("benchmark", "json_out", _JSON_OUT.value)
+
+
 def main(argv):
     del argv
+    _check_flags()
     from clrjax import config as config_lib
+    from clrjax.data import sources
     try:
-        _run(_CONFIG.value)
+        cli.write_or_fail("benchmark", lambda: _run(_CONFIG.value), "the results",
+                          under=os.path.abspath(_JSON_OUT.value))
     except config_lib.ConfigError as err:
         cli.fail("benchmark", f"config error: {err}")
+    except sources.DataError as err:
+        cli.fail("benchmark", f"data error: {err}")
 
 
 def _write(results):
@@ -141,6 +213,8 @@ def _run(config):
         if "input_to_step_ratio" in results["input"]:
             results["input_to_step_ratio"] = results["input"]["input_to_step_ratio"]
         _write(results)
+    if "memory" in _MODE.value:
+        _memory_rows(config, results)
     if "loss" in _MODE.value:
         results["loss"] = []
 

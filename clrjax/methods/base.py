@@ -48,6 +48,10 @@ What a method declares (override what differs from the defaults):
 ``param_labels``    optimizer group of every parameter: 'ssl' (the
                     method's optimizer), 'probe' (the probe's Adam) or
                     'frozen' (no update, no optimizer state)
+``supports_gradient_cache``  whether ``forward`` treats examples
+                    independently (BatchNorm aside), so that gradient
+                    caching (``config.micro_batch_size``) may run it on
+                    micro-batches; default True
 ==================  ==========================================================
 
 The default ``loss`` calls ``loss_fn(z[:, 0], z[:, 1], axis_name=..., **kw)``
@@ -80,6 +84,7 @@ class Method:
     num_views: int = 2
     uses_labels: bool = False
     loss_inputs: Tuple[str, ...] = ("embeddings",)
+    supports_gradient_cache: bool = True
 
     # ------------------------------------------------------------ networks and state
 

@@ -21,12 +21,13 @@ ResNet-18/34, 2048 for ResNet-50), or logits ``[B, num_classes]`` when
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clrjax.models.encoders import Encoder, as_sizes
+from clrjax.models.encoders import Encoder, as_sizes, check_positive_ints
 
 # Stage depths and block type (basic: expansion 1, bottleneck: expansion 4).
 RESNET_SPECS = {
@@ -75,11 +76,24 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
         kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _batch_norm(train: bool, dtype: Any, name: str, zero_init: bool = False) -> nn.BatchNorm:
+NORMS = ("batch", "group")
+
+
+def _norm(norm: str, groups: int, train: bool, dtype: Any, name: str, zero_init: bool = False) -> nn.Module:
+    """BatchNorm (torchvision's default) or GroupNorm with ``groups`` groups, named like torchvision's ``bn*``.
+
+    GroupNorm (Wu & He 2018) normalises each example on its own, so the
+    network has no cross-example statistics: gradient caching
+    (``config.micro_batch_size``) is then exact, and a batch of one behaves
+    as in a large batch. Its parameters are 'scale' and 'bias', as BatchNorm's.
+    """
+    scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+    if norm == "group":
+        return nn.GroupNorm(num_groups=groups, epsilon=1e-5, scale_init=scale_init,
+                            dtype=dtype, param_dtype=jnp.float32, name=name)
     # Flax momentum 0.9 is torch momentum 0.1 (flax weights the old average).
     return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
         dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
@@ -90,21 +104,26 @@ class BasicBlock(nn.Module):
     stride: int = 1
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
+    norm: str = "batch"
+    norm_groups: int = 32
+
+    def _bn(self, train: bool, name: str, zero_init: bool = False) -> nn.Module:
+        return _norm(self.norm, self.norm_groups, train, self.dtype, name, zero_init)
 
     @nn.compact
     def __call__(self, x, train: bool):
         residual = self._shortcut(x, self.width, train)
         y = _conv(self.width, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+        y = nn.relu(self._bn(train, "bn1")(y))
         y = _conv(self.width, 3, 1, self.dtype, "conv2")(y)
-        y = _batch_norm(train, self.dtype, "bn2", self.zero_init_residual)(y)
+        y = self._bn(train, "bn2", self.zero_init_residual)(y)
         return nn.relu(y + residual)
 
     def _shortcut(self, x, out_features: int, train: bool):
         if self.stride == 1 and x.shape[-1] == out_features:
             return x
         x = _conv(out_features, 1, self.stride, self.dtype, "downsample_conv")(x)
-        return _batch_norm(train, self.dtype, "downsample_bn")(x)
+        return self._bn(train, "downsample_bn")(x)
 
 
 class Bottleneck(BasicBlock):
@@ -115,11 +134,11 @@ class Bottleneck(BasicBlock):
         out_features = self.width * EXPANSION["bottleneck"]
         residual = self._shortcut(x, out_features, train)
         y = _conv(self.width, 1, 1, self.dtype, "conv1")(x)
-        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+        y = nn.relu(self._bn(train, "bn1")(y))
         y = _conv(self.width, 3, self.stride, self.dtype, "conv2")(y)
-        y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
+        y = nn.relu(self._bn(train, "bn2")(y))
         y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
-        y = _batch_norm(train, self.dtype, "bn3", self.zero_init_residual)(y)
+        y = self._bn(train, "bn3", self.zero_init_residual)(y)
         return nn.relu(y + residual)
 
 
@@ -135,6 +154,9 @@ class ResNet(nn.Module):
         (Goyal et al. 2017; torchvision's ``zero_init_residual``).
       num_classes: if set, a final Linear 'fc' and the output is logits.
       dtype: compute dtype; parameters are always float32.
+      norm: 'batch' (torchvision) or 'group' (GroupNorm, no cross-example
+        statistics; torchvision's ``norm_layer=lambda c: nn.GroupNorm(g, c)``).
+      norm_groups: GroupNorm groups (32 in Wu & He 2018); must divide every width.
     """
 
     depth: int = 50
@@ -143,6 +165,8 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     num_classes: Optional[int] = None
     dtype: Any = jnp.float32
+    norm: str = "batch"
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -154,18 +178,18 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         if self.cifar_stem:
             x = _conv(stem_width, 3, 1, self.dtype, "conv1")(x)
-            x = nn.relu(_batch_norm(train, self.dtype, "bn1")(x))
+            x = nn.relu(_norm(self.norm, self.norm_groups, train, self.dtype, "bn1")(x))
         else:
             x = _conv(stem_width, 7, 2, self.dtype, "conv1")(x)
-            x = nn.relu(_batch_norm(train, self.dtype, "bn1")(x))
+            x = nn.relu(_norm(self.norm, self.norm_groups, train, self.dtype, "bn1")(x))
             # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as flax does.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         for stage, (num_blocks, width) in enumerate(zip(stage_depths, widths)):
             for b in range(num_blocks):
                 stride = 2 if (stage > 0 and b == 0) else 1
-                x = block_cls(width, stride, self.zero_init_residual, self.dtype,
-                              name=f"layer{stage + 1}_{b}")(x, train)
+                x = block_cls(width, stride, self.zero_init_residual, self.dtype, self.norm,
+                              self.norm_groups, name=f"layer{stage + 1}_{b}")(x, train)
 
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes is None:
@@ -175,7 +199,8 @@ class ResNet(nn.Module):
 
 
 
-def _check_input(cfg, image_size) -> None:
+def _check_input(depth: int, cfg, image_size) -> None:
+    _check_groups(depth, cfg)
     sizes = as_sizes(image_size)
     minimum = resnet_total_stride(cfg["cifar_stem"])
     if min(sizes) < minimum:
@@ -184,15 +209,38 @@ def _check_input(cfg, image_size) -> None:
                          f"small; use images of at least {minimum}x{minimum}{hint}.")
 
 
+def _check_groups(depth: int, cfg) -> None:
+    """GroupNorm's group count must divide the channels of every normalised layer."""
+    if cfg["norm"] != "group":
+        return
+    stem, widths = stage_widths(cfg["width_multiplier"])
+    expansion = EXPANSION[RESNET_SPECS[depth][1]]
+    channels = sorted({stem, *widths, *(w * expansion for w in widths)})
+    bad = [c for c in channels if c % cfg["norm_groups"]]
+    if bad:
+        raise ValueError(f"norm_groups={cfg['norm_groups']} does not divide the ResNet's channel counts {bad} "
+                         f"(width_multiplier={cfg['width_multiplier']}); choose norm_groups dividing "
+                         f"{channels[0]}, e.g. {math.gcd(*channels)}.")
+
+
+def _check_norm(field: str, value: Any) -> str:
+    if value not in NORMS:
+        raise ValueError(f"model config field '{field}' must be one of {', '.join(NORMS)}, got {value!r}.")
+    return value
+
+
 def _resnet_entry(depth: int) -> Encoder:
     return Encoder(
         name=f"resnet{depth}",
         build=lambda cfg, dtype: ResNet(depth=depth, cifar_stem=cfg["cifar_stem"],
                                         width_multiplier=cfg["width_multiplier"],
-                                        zero_init_residual=cfg["zero_init_residual"], dtype=dtype),
-        defaults={"cifar_stem": False, "width_multiplier": 1.0, "zero_init_residual": False},
+                                        zero_init_residual=cfg["zero_init_residual"], dtype=dtype,
+                                        norm=cfg["norm"], norm_groups=cfg["norm_groups"]),
+        defaults={"cifar_stem": False, "width_multiplier": 1.0, "zero_init_residual": False,
+                  "norm": "batch", "norm_groups": 32},
+        checks={"norm": _check_norm, "norm_groups": lambda field, value: check_positive_ints(field, (value,))[0]},
         num_features=lambda cfg: resnet_num_features(depth, cfg["width_multiplier"]),
-        check_input=_check_input,
+        check_input=lambda cfg, image_size: _check_input(depth, cfg, image_size),
         doc=f"ResNet-{depth} (torchvision v1.5 layout)")
 
 

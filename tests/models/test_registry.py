@@ -20,7 +20,7 @@ def test_num_features_matches_built_encoder(name):
 def test_resolve_fills_defaults_and_accepts_config_dict():
     cfg = resolve_model_config(ml_collections.ConfigDict({"name": "resnet50", "zero_init_residual": True}))
     assert cfg == {"name": "resnet50", "dtype": "float32", "cifar_stem": False,
-                   "width_multiplier": 1.0, "zero_init_residual": True}
+                   "width_multiplier": 1.0, "zero_init_residual": True, "norm": "batch", "norm_groups": 32}
     assert resolve_model_config({"name": "cnn_small", "widths": (8, 8)})["widths"] == [8, 8]
 
 

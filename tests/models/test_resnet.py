@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clrjax.models import build_encoder, num_features
-from clrjax.models.resnet import BasicBlock, ResNet, _batch_norm, _conv
+from clrjax.models.resnet import BasicBlock, ResNet, _conv, _norm
 
 
 def _param_count(module, image_size):
@@ -73,12 +73,37 @@ def test_zero_init_residual_makes_blocks_identity():
 
 def test_batchnorm_momentum_follows_torch_convention():
     # torch momentum 0.1: running = 0.9 running + 0.1 batch_stat (flax momentum 0.9).
-    # Every ResNet BN is built by _batch_norm. (eps 1e-5 is covered by the eval-mode
+    # Every ResNet BN is built by _norm. (eps 1e-5 is covered by the eval-mode
     # match against PyTorch in tests/test_export.py.)
     # Known difference: flax tracks the biased batch variance, torch the unbiased one.
-    bn = _batch_norm(train=True, dtype=jnp.float32, name="bn")
+    bn = _norm("batch", 32, train=True, dtype=jnp.float32, name="bn")
     x = jax.random.normal(jax.random.key(0), (4, 3, 3, 5)) * 2.0 + 1.0
     variables = bn.init(jax.random.key(1), x)
     _, state = bn.apply(variables, x, mutable=["batch_stats"])
     np.testing.assert_allclose(state["batch_stats"]["mean"], 0.1 * np.mean(x, axis=(0, 1, 2)), rtol=1e-5)
     np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 + 0.1 * np.var(x, axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_groupnorm_layer_matches_its_definition():
+    """Wu & He 2018, eq. 1-3: per example, mean/variance over (H, W, channels of the group), eps 1e-5."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (3, 4, 4, 8)), np.float64) * 3.0 + 1.0
+    gn = _norm("group", 4, train=True, dtype=jnp.float32, name="gn")
+    variables = gn.init(jax.random.key(1), jnp.asarray(x, jnp.float32))
+    got = gn.apply(variables, jnp.asarray(x, jnp.float32))
+    g = x.reshape(3, 4, 4, 4, 2)  # [B, H, W, groups, channels per group]
+    mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+    want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_groupnorm_resnet_has_no_cross_example_statistics():
+    """model.norm='group': each example's features are the same alone as in a batch (BatchNorm's are not)."""
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    outs = {}
+    for norm in ("group", "batch"):
+        net = ResNet(depth=18, cifar_stem=True, width_multiplier=0.125, norm=norm, norm_groups=8)
+        variables = net.init(jax.random.key(1), x, train=False)
+        apply = jax.jit(lambda v, a, net=net: net.apply(v, a, train=True, mutable=["batch_stats"])[0])
+        outs[norm] = (np.asarray(apply(variables, x)[:1]), np.asarray(apply(variables, x[:1])))
+    np.testing.assert_allclose(*outs["group"], rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(outs["batch"][0] - outs["batch"][1])) > 1e-3
