@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",
     "matplotlib>=3.8",
     "safetensors>=0.4",
+    # JPEG decoding of your own images (clrjax/data/decoding.py; chosen by measurement, BENCHMARKS.md).
+    "simplejpeg>=1.7",
 ]
 
 EXTRAS_REQUIRE = {

@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.class_names = ()       # image_folder/csv/tsv label order; () = sorted names (the CLI records them)
     c.dataset.on_error = "fail"      # bad image/path/class: fail (DataError naming the file) | skip (and count)
     c.dataset.decode_workers = 8     # image_folder/csv/tsv: Pillow decode threads per process
+    c.dataset.decode_processes = 0   # image_folder/csv/tsv/webdataset: decode worker processes per process; 0 = threads
+    c.dataset.shuffle_buffer = 4096  # webdataset: examples of a process's stream shuffled together (one block)
+    c.dataset.host_crop = "center"   # image_folder/csv/tsv/webdataset training split: host square crop center | random
 
     c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
     c.augment.crop_size = 32         # output side of the random resized crop (pixels; 224 for ImageNet)
@@ -293,7 +296,8 @@ def _check_splits(config, dataset) -> None:
                   f"its splits are {names}")
 
 
-FILE_DATASETS = ("image_folder", "csv", "tsv")  # datasets read from config.dataset.path (clrjax/data/folders.py)
+# datasets read from config.dataset.path (clrjax/data/folders.py, clrjax/data/webdataset.py)
+FILE_DATASETS = ("image_folder", "csv", "tsv", "webdataset")
 
 
 def _check_file_dataset(config) -> None:
@@ -304,6 +308,15 @@ def _check_file_dataset(config) -> None:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
         _fail("dataset.decode_workers", f"is {workers!r} but must be a positive integer",
               "set --config.dataset.decode_workers to e.g. 8")
+    processes = d.decode_processes
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 0 <= processes <= 1024:
+        _fail("dataset.decode_processes", f"is {processes!r} but must be a whole number >= 0 (at most 1024)",
+              "set --config.dataset.decode_processes to e.g. 8 (0 = decode in threads)")
+    buffer = d.shuffle_buffer
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or not 1 <= buffer <= 2**20:
+        _fail("dataset.shuffle_buffer", f"is {buffer!r} but must be a positive integer (at most 2**20: the buffer "
+              "holds that many encoded images in memory)", "set --config.dataset.shuffle_buffer to e.g. 4096")
+    _check_choice("dataset.host_crop", d.host_crop, ("center", "random"))
     fraction = d.split_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         _fail("dataset.split_fraction", f"is {fraction!r} but must be in [0, 1)",
@@ -317,10 +330,17 @@ def _check_file_dataset(config) -> None:
         _fail("dataset.image_size", f"is {d.image_size!r} but must be a whole number >= 0",
               "set --config.dataset.image_size to the decoded side, e.g. 224 (0 = native size)")
     if not d.path:
-        what = "the image folder" if d.name == "image_folder" else f"the {d.name} list file"
+        what = {"image_folder": "the image folder", "webdataset": "the tar shards (e.g. shards-{00000..00099}.tar)"}
         _fail("dataset.path", f"is empty but {d.name} reads its images from it",
-              f"set --config.dataset.path to {what}")
+              f"set --config.dataset.path to {what.get(d.name, f'the {d.name} list file')}")
     path = os.path.expanduser(d.path)
+    if d.name == "webdataset":
+        from clrjax.data.webdataset import expand_shards  # local: config imports no data module at import time
+
+        if "{split}" not in path and not any(os.path.exists(p) for p in expand_shards(path)):
+            _fail("dataset.path", f"is {d.path!r}, which names no existing tar shard",
+                  "set --config.dataset.path to the shards: a path, a {00000..00099} pattern, a glob or a directory")
+        return
     if "{split}" not in path and not os.path.exists(path):
         _fail("dataset.path", f"is {d.path!r}, which does not exist", f"set --config.dataset.path to {d.name}'s "
               "folder or list file")

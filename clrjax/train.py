@@ -431,6 +431,8 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
                 scalars["images_per_sec"] = steps_since_log * config.batch_size / max(interval, 1e-9)
                 scalars["epoch"] = done / exp.steps_per_epoch
                 scalars["elapsed_s"] = elapsed()  # cumulative over resumes (kept in checkpoint meta)
+                if hasattr(exp.train_source, "num_skipped"):  # own files: bad inputs skipped so far (this process)
+                    scalars["data_skipped"] = int(exp.train_source.num_skipped)
                 writer.write_scalars(done, scalars)
                 if progress is not None:
                     progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)

@@ -62,6 +62,7 @@ DATASETS = Registry("dataset", {
     "image_folder": "clrjax.data.folders:IMAGE_FOLDER",
     "csv": "clrjax.data.folders:CSV",
     "tsv": "clrjax.data.folders:TSV",
+    "webdataset": "clrjax.data.webdataset:DATASET",
 }, attribute="DATASET")
 
 

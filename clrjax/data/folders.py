@@ -77,6 +77,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
+from clrjax.data import decoding
 from clrjax.data.datasets import Dataset
 from clrjax.data.sources import DataError, stratified_split
 
@@ -129,33 +130,13 @@ class ErrorLog:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(path: str, size: int, channels: int) -> np.ndarray:
+def decode_image(path: str, size: int, channels: int, offset: Optional[float] = None) -> np.ndarray:
     """One image file -> uint8 [S, S, C] (size S > 0: centre square resized) or [H, W, C] (size 0).
 
-    Raises whatever Pillow or the file system raise; the source turns it into a DataError.
+    :func:`clrjax.data.decoding.decode_image` (simplejpeg for JPEGs where installed, else Pillow).
+    Raises whatever the decoders or the file system raise; the source turns it into a DataError.
     """
-    from PIL import Image  # local: only file datasets need Pillow at import time
-
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(path) as image:
-        if size:
-            w, h = image.size
-            shorter = min(w, h)
-            if image.format == "JPEG" and shorter > size:
-                # DCT-domain downscaling: decodes at 1/2, 1/4 or 1/8 while the shorter side stays >= size.
-                image.draft(mode, (-(-w * size // shorter), -(-h * size // shorter)))
-        image = image.convert(mode)  # decodes (load) and converts (L/P/RGBA/CMYK/I;16 -> mode)
-    if size:
-        w, h = image.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        if (w, h) != (size, size):
-            if side != min(size, side) or (w, h) != (side, side):
-                image = image.crop((left, top, left + side, top + side))  # as sources.center_crop_resize
-            if side != size:
-                image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    return decoding.decode_image(path, size, channels, offset)
 
 
 def _header_size(path: str) -> Tuple[int, int]:
@@ -165,9 +146,7 @@ def _header_size(path: str) -> Tuple[int, int]:
         return image.size
 
 
-def _describe(err: BaseException) -> str:
-    text = str(err).replace("\n", " ")[:200]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+_describe = decoding.describe
 
 
 class ImageFileSource:
@@ -184,12 +163,16 @@ class ImageFileSource:
       class_names: label -> name (empty when labels are plain integers or absent).
       captions: optional caption per example (CSV ``caption`` column).
       labelled: False for a flat folder / a list without labels.
+      processes: decode worker processes (:class:`clrjax.data.decoding.ProcessDecodePool`,
+        started on first use); 0 = decode in ``num_threads`` threads of this process.
+      host_crop: 'center' or 'random': what the TrainLoader asks for (:meth:`load` with
+        ``offsets``); ``source[indices]`` (evaluation) always crops the centre.
     """
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, num_classes: int, image_size: int,
                  channels: int, errors: ErrorLog, num_threads: int = DEFAULT_DECODE_WORKERS,
                  class_names: Sequence[str] = (), captions: Optional[Sequence[str]] = None,
-                 labelled: bool = True):
+                 labelled: bool = True, processes: int = 0, host_crop: str = "center"):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.paths = list(paths)
@@ -204,6 +187,9 @@ class ImageFileSource:
         self._bad: set = set()
         self._lock = threading.Lock()
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.processes = max(0, int(processes))
+        self.host_crop = str(host_crop)
+        self._process_pool: Optional[decoding.ProcessDecodePool] = None
         if not self.paths:
             raise DataError(f"{errors.name}: no images left to read; check --config.dataset.path.")
         if self._size:
@@ -253,23 +239,28 @@ class ImageFileSource:
         w, h = sizes[first]
         return (h, w, self._channels)
 
-    def _record_bad(self, i: int, err: BaseException) -> None:
-        with self._lock:
+    def _record_bad(self, i: int, err) -> None:
+        """Example i cannot be decoded (``err``: the exception or its description): raise or record it once."""
+        text = err if isinstance(err, str) else _describe(err)
+        with self._lock:  # recorded only once it is accepted: with 'fail' it raises every time
             if i in self._bad:
                 return
+            self.errors.bad("decode", self.paths[i], f"cannot be decoded as an image ({text})",
+                            "replace or delete the file")
             self._bad.add(i)
-        self.errors.bad("decode", self.paths[i], f"cannot be decoded as an image ({_describe(err)})",
-                        "replace or delete the file")
 
-    def _decode(self, i: int) -> np.ndarray:
-        image = decode_image(self.paths[i], self._size, self._channels)
+    def _shape_error(self, i: int, shape) -> DataError:
+        return DataError(f"{self.paths[i]} decodes to {shape[1]}x{shape[0]}, not "
+                         f"{self.image_shape[1]}x{self.image_shape[0]} like the others; set "
+                         f"--config.dataset.image_size (e.g. 224 or 256).")
+
+    def _decode(self, i: int, offset: Optional[float] = None) -> np.ndarray:
+        image = decode_image(self.paths[i], self._size, self._channels, offset)
         if image.shape != self.image_shape:
-            raise DataError(f"{self.paths[i]} decodes to {image.shape[1]}x{image.shape[0]}, not "
-                            f"{self.image_shape[1]}x{self.image_shape[0]} like the others; set "
-                            f"--config.dataset.image_size (e.g. 224 or 256).")
+            raise self._shape_error(i, image.shape)
         return image
 
-    def _load_one(self, i: int) -> Tuple[np.ndarray, int]:
+    def _load_one(self, i: int, offset: Optional[float] = None) -> Tuple[np.ndarray, int]:
         """Example i, or (on_error='skip') the next example in dataset order that decodes."""
         n = len(self.paths)
         for j in (i + k for k in range(n)):
@@ -277,7 +268,7 @@ class ImageFileSource:
             if j in self._bad:
                 continue
             try:
-                return self._decode(j), int(self.labels[j])
+                return self._decode(j, offset), int(self.labels[j])
             except DataError:
                 raise
             except Exception as err:  # noqa: BLE001 - Pillow and the OS raise many types
@@ -285,20 +276,61 @@ class ImageFileSource:
         raise DataError(f"{self.errors.name}: none of its {n} images can be decoded; check --config.dataset.path.")
 
     def __getitem__(self, index) -> Dict[str, np.ndarray]:
+        return self.load(index)
+
+    def load(self, index, offsets: Optional[Sequence[float]] = None) -> Dict[str, np.ndarray]:
+        """``source[index]``, with the square cut at ``offsets`` (one in [0, 1] per row) instead of the centre."""
         if np.ndim(index) == 0:
-            image, label = self._load_one(int(index))
+            image, label = self._load_one(int(index), None if offsets is None else float(np.ravel(offsets)[0]))
             return {"image": image, "label": np.int32(label)}
         index = np.asarray(index).reshape(-1)
-        loaded = self._map(self._load_one, index.tolist())
+        offsets = None if offsets is None else [float(o) for o in np.ravel(offsets)]
+        if self.processes and len(index) > 1:
+            return self._load_in_processes(index, offsets)
+        rows = list(zip(index.tolist(), offsets if offsets is not None else [None] * len(index)))
+        loaded = self._map(lambda row: self._load_one(*row), rows)
         images = np.empty((len(index),) + tuple(self.image_shape), np.uint8)
         for row, (image, _) in enumerate(loaded):
             images[row] = image
         return {"image": images, "label": np.asarray([label for _, label in loaded], np.int32)}
 
+    def _processes(self) -> decoding.ProcessDecodePool:
+        if self._process_pool is None:
+            with self._lock:
+                if self._process_pool is None:
+                    self._process_pool = decoding.ProcessDecodePool(self.processes)
+        return self._process_pool
+
+    def _load_in_processes(self, index: np.ndarray, offsets: Optional[List[float]]) -> Dict[str, np.ndarray]:
+        """The rows decoded by the worker processes, two chunks per worker; bad ones resolved here."""
+        pool = self._processes()
+        n = len(index)
+        chunk = max(1, -(-n // (2 * pool.size)))
+        jobs = []
+        for lo in range(0, n, chunk):
+            rows = index[lo:lo + chunk]
+            jobs.append((lo, rows, pool.submit([self.paths[i] for i in rows], self._size, self._channels,
+                                               self.image_shape, None if offsets is None else offsets[lo:lo + chunk])))
+        images = np.empty((n,) + tuple(self.image_shape), np.uint8)
+        labels = self.labels[index].astype(np.int32)
+        for lo, rows, future in jobs:
+            out, failures = future.result()
+            images[lo:lo + len(rows)] = out
+            for row, kind, text in failures:
+                i = int(rows[row])
+                if kind == "shape":
+                    raise self._shape_error(i, tuple(int(v) for v in text.split("x"))[1::-1])
+                self._record_bad(i, text)  # raises with on_error='fail'
+                images[lo + row], labels[lo + row] = self._load_one(i, None if offsets is None else offsets[lo + row])
+        return {"image": images, "label": labels}
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        if self._process_pool is not None:
+            self._process_pool.close()
+            self._process_pool = None
 
 
 # --------------------------------------------------------------------------- listings
@@ -587,7 +619,9 @@ def load_files(cfg: Mapping[str, Any], split: str, kind: str) -> ImageFileSource
     return ImageFileSource(listing.paths, labels, num_classes, int(_get(cfg, "image_size", 0)),
                            int(_get(cfg, "channels", 3)), errors,
                            int(_get(cfg, "decode_workers", DEFAULT_DECODE_WORKERS)), class_names=names,
-                           captions=listing.captions, labelled=listing.keys is not None)
+                           captions=listing.captions, labelled=listing.keys is not None,
+                           processes=int(_get(cfg, "decode_processes", 0)),
+                           host_crop=str(_get(cfg, "host_crop", "center")) if split == train_split else "center")
 
 
 def derived_fields(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
@@ -631,6 +665,7 @@ def write_error_report(source, workdir: str) -> Optional[str]:
 
 # Config defaults of these datasets (configs/<method>.py:image_folder): photographs, as ImageNet.
 DEFAULTS = {"dataset.image_size": 256,            # host decode side; the device crops 224 from it
+            "dataset.decode_processes": 8,         # decode worker processes (BENCHMARKS.md: ~5 cores per 2,500 JPEG/s)
             "augment.crop_size": 224,
             "augment.mean": (0.485, 0.456, 0.406),  # ImageNet statistics: measure your own images'
             "augment.std": (0.229, 0.224, 0.225)}

@@ -18,7 +18,7 @@ TINY = {"model.widths": (8, 16), "model.stem_stride": 1, "projector.hidden_dims"
         "projector.out_dim": 8, "batch_size": 32, "num_steps": 3, "log_every_steps": 1,
         "checkpoint.every_steps": 100, "checkpoint.async_save": False, "eval.final": False,
         "optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.warmup_epochs": 0.0,
-        "dataset.channels": 1, "dataset.image_size": 8, "dataset.decode_workers": 2,
+        "dataset.channels": 1, "dataset.image_size": 8, "dataset.decode_workers": 2, "dataset.decode_processes": 0,
         "augment.crop_size": 8, "augment.mean": (0.27,), "augment.std": (0.38,), "eval.knn_k": (5,)}
 
 
