@@ -2,16 +2,20 @@
 
 Configs are ``ml_collections.ConfigDict`` built by ``configs/<method>.py``
 ``get_config(arg)`` on top of :func:`base_config`, which documents every field
-in one place. :func:`validate_config` runs before anything is compiled or
-loaded and raises :class:`ConfigError` with one sentence naming the field and
-the fix.
+in one place, and :data:`FIELD_SPECS` gives every field's type and range
+(``LOSS_SPECS`` those of the losses' keywords). :func:`validate_config` runs
+before anything is compiled or loaded and raises :class:`ConfigError` with one
+sentence naming the field and the fix. A new field needs a FIELD_SPECS entry
+(tests/test_config_fuzz.py checks that the table covers base_config).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 from typing import Any, Mapping, Optional
 
@@ -33,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()  # keyword arguments of the method's loss (see clrjax.losses)
     c.seed = 0                       # seeds initialisation, data order and augmentations
     c.batch_size = 256               # global batch (images per step, each seen as 2 views)
+    c.micro_batch_size = 0           # gradient caching: examples of the global batch per micro-step; 0 = off
     c.num_epochs = 100.0             # training length in epochs (used when num_steps == 0)
     c.num_steps = 0                  # training length in steps; overrides num_epochs when > 0
     c.log_every_steps = 20           # console line, metrics.jsonl and TensorBoard every N steps
@@ -140,6 +145,462 @@ def _periodic_evals_config() -> ml_collections.ConfigDict:
     return evals
 
 
+# --------------------------------------------------------------------------- field ranges
+
+# Upper bounds of the counts and sizes (docs/BAD_INPUT.md, "Field ranges"). They are sanity bounds,
+# far beyond any published setting, so that a typo (an exponent too many) fails here instead of
+# overflowing a counter or exhausting memory after compilation.
+MAX_COUNT = 2**31 - 1   # steps, intervals, example counts: the step counter and example indices are int32
+MAX_BATCH = 2**24       # images per step (the largest published contrastive batches are 32k-64k)
+MAX_WIDTH = 2**16       # MLP widths, the embedding dimension, the encoder's sizes (VICReg's expander: 8192)
+MAX_LAYERS = 64         # hidden layers of the projector and predictor MLPs
+MAX_SIDE = 4096         # image sides in pixels (ImageNet trains at 224)
+MAX_EPOCHS = 10**6      # training and warmup length in epochs
+MAX_SEED = 2**32 - 1
+MAX_WORKERS = 1024      # decode threads per process
+MAX_SEEDS = 1000        # draws of the few-shot evaluator
+FLOAT32_MAX = 3.4028234663852886e38  # numbers reach the device as float32
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_sequence(v) -> bool:
+    return isinstance(v, (tuple, list))
+
+
+def _num(x) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Spec:
+    """The values one config field accepts (its type and range).
+
+    ``problem(value)`` is None for an accepted value, else what is wrong
+    ("must be a positive integer"); ``fix`` is what the message tells the user
+    to set instead ("" = derived from the range).
+    """
+    fix: Any = ""    # or ``config -> str`` when the fix depends on other fields
+
+    def problem(self, value) -> Optional[str]:
+        raise NotImplementedError
+
+    def default_fix(self) -> str:
+        return "a valid value"
+
+    def summary(self) -> str:
+        """What the field accepts, for docs/BAD_INPUT.md."""
+        return self.default_fix()
+
+    def fix_for(self, config) -> str:
+        return (self.fix(config) if callable(self.fix) else self.fix) or self.default_fix()
+
+    def check(self, field: str, value, config=None) -> None:
+        problem = self.problem(value)
+        if problem is not None:
+            _fail(field, f"is {_show(value)} but {problem}", f"set --config.{field} to {self.fix_for(config)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int(Spec):
+    """A whole number (not a bool) in [lo, cap]; ``choices`` lists the only values allowed."""
+    lo: int = 0
+    cap: int = MAX_COUNT
+    why: str = ""            # why the cap, said when it is exceeded
+    choices: tuple = ()
+    optional: bool = False   # None allowed (e.g. loss.chunk_size: None = off)
+
+    def describe(self) -> str:
+        if self.choices:
+            return " or ".join(map(str, self.choices))
+        text = "a positive integer" if self.lo == 1 else f"a whole number >= {self.lo}"
+        return text + (" or None" if self.optional else "")
+
+    def problem(self, value):
+        if value is None and self.optional:
+            return None
+        if self.choices:
+            return None if _is_int(value) and value in self.choices else f"must be {self.describe()}"
+        if not _is_int(value) or value < self.lo:
+            return f"must be {self.describe()}"
+        if value > self.cap:
+            return f"must be at most {self.cap}" + (f", {self.why}" if self.why else "")
+        return None
+
+    def default_fix(self) -> str:
+        return self.describe()
+
+    def summary(self) -> str:
+        if self.choices:
+            return self.describe()
+        return f"integer in [{self.lo}, {self.cap}]" + (", or None" if self.optional else "")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Num(Spec):
+    """A finite number (int or float, not a bool) in the interval ``lo..hi``, at most ``cap``."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    cap: float = math.inf    # a sanity bound, named only when exceeded
+    why: str = ""
+
+    def describe(self) -> str:
+        if math.isinf(self.hi):
+            if self.lo == 0:
+                return "a positive number" if self.lo_open else "a non-negative number"
+            if math.isinf(self.lo):
+                return "a finite number"
+            return f"a number {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        return (f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
+
+    def accepts(self, value) -> bool:
+        return (_is_number(value) and (value > self.lo if self.lo_open else value >= self.lo)
+                and (value < self.hi if self.hi_open else value <= self.hi))
+
+    def problem(self, value):
+        if not self.accepts(value):
+            return f"must be {self.describe()}"
+        if isinstance(value, numbers.Integral) and abs(value) > MAX_COUNT:
+            return f"must be at most {MAX_COUNT} as an integer (it reaches the device as int32); write it as a float"
+        if abs(value) > FLOAT32_MAX:
+            return f"must be at most {FLOAT32_MAX:g} in size (it reaches the device as float32)"
+        if value > self.cap:
+            return f"must be at most {_num(self.cap)}" + (f", {self.why}" if self.why else "")
+        return None
+
+    def summary(self) -> str:
+        text = self.describe()
+        text = text.replace("a ", "", 1) if text.startswith("a ") else f"number {text}"
+        return text + (f", at most {_num(self.cap)}" if not math.isinf(self.cap) else "")
+
+    def default_fix(self) -> str:
+        if math.isinf(self.hi) and self.lo == 0:
+            return "a positive value" if self.lo_open else "a non-negative value"
+        return f"a value {self.describe()}" if self.describe().startswith("in ") else self.describe()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Bool(Spec):
+    def problem(self, value):
+        return None if isinstance(value, bool) else "must be True or False"
+
+    def default_fix(self) -> str:
+        return "True or False"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Str(Spec):
+    """A string; with ``choices``, one of them (the message suggests the closest)."""
+    choices: tuple = ()
+    nonempty: bool = False
+
+    def problem(self, value):
+        if not isinstance(value, str):
+            return "must be a string"
+        if self.nonempty and not value:
+            return "must not be empty"
+        return None
+
+    def check(self, field: str, value, config=None) -> None:
+        if self.choices and (not isinstance(value, str) or value not in self.choices):
+            _fail(field, f"is {_show(value)}, which is not supported", _suggest(value, self.choices))
+        super().check(field, value, config)
+
+    def default_fix(self) -> str:
+        return "a non-empty string" if self.nonempty else "a string"
+
+    def summary(self) -> str:
+        return f"one of {', '.join(self.choices)}" if self.choices else self.default_fix()[2:]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Seq(Spec):
+    """A tuple (or list, as config.json gives it) of ``item`` values, ``min_len..max_len`` long."""
+    item: Spec = dataclasses.field(default_factory=Spec)
+    what: str = "values"     # the items, plural, for the message ("positive integers")
+    min_len: int = 0
+    max_len: int = MAX_COUNT
+    unique: bool = False
+
+    def problem(self, value):
+        if not _is_sequence(value):
+            return f"must be a tuple of {self.what}"
+        for v in value:
+            problem = self.item.problem(v)
+            if problem is not None:
+                return f"must be a tuple of {self.what} ({v!r} {problem})"
+        if len(value) < self.min_len:
+            return "must not be empty" if self.min_len == 1 else f"must have at least {self.min_len} values"
+        if len(value) > self.max_len:
+            return f"must have at most {self.max_len} values"
+        if self.unique and len(set(value)) != len(value):
+            twice = next(v for i, v in enumerate(value) if v in value[:i])
+            return f"lists {twice!r} twice"
+        return None
+
+    def default_fix(self) -> str:
+        return f"a tuple of {self.what}"
+
+    def summary(self) -> str:
+        if self.max_len < MAX_COUNT:
+            length = f", {self.min_len} to {self.max_len} of them"
+        else:
+            length = f", at least {self.min_len}" if self.min_len else ""
+        return f"tuple of {self.what} ({self.item.summary()}){length}" + (", no repeats" if self.unique else "")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pair(Spec):
+    """A range ``(min, max)`` of finite numbers with lo < (or <=) min <= max <= (or <) hi."""
+    lo: float = 0.0
+    hi: float = math.inf
+    lo_open: bool = True
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        text = f"(min, max) with {_num(self.lo)} {'<' if self.lo_open else '<='} min <= max"
+        return text if math.isinf(self.hi) else f"{text} {'<' if self.hi_open else '<='} {_num(self.hi)}"
+
+    def problem(self, value):
+        bounds = Num(lo=self.lo, hi=self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
+        ok = (_is_sequence(value) and len(value) == 2 and all(bounds.accepts(v) for v in value)
+              and value[0] <= value[1])
+        return None if ok else f"must be {self.describe()}"
+
+    def summary(self) -> str:
+        return self.describe()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Probability(Spec):
+    """A probability, or (``per_view``) a tuple of them, one per view of the method."""
+    per_view: bool = False
+
+    def problem(self, value):
+        if self.per_view and not _is_sequence(value):
+            return "must be a tuple with one probability per view"
+        values = value if self.per_view else (value,)
+        if self.per_view and not values:
+            return "must not be empty"
+        if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in values):
+            return "probabilities must lie in [0, 1]"
+        return None
+
+    def check(self, field: str, value, config=None) -> None:
+        problem = self.problem(value)
+        if problem is not None:
+            _fail(field, f"is {_show(value)} but {problem}", f"set --config.{field} to values between 0 and 1")
+
+    def summary(self) -> str:
+        return "tuple of probabilities in [0, 1], one per view" if self.per_view else "probability in [0, 1]"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Like(Spec):
+    """The fallback for a field without an entry: the type of its default (None: anything)."""
+    default: Any = None
+
+    def problem(self, value):
+        d = self.default
+        if d is None:
+            return None
+        if isinstance(d, bool):
+            return Bool().problem(value)
+        if isinstance(d, int):
+            return None if _is_int(value) else "must be a whole number"
+        if isinstance(d, float):
+            return None if _is_number(value) else "must be a finite number"
+        if isinstance(d, str):
+            return Str().problem(value)
+        if isinstance(d, (tuple, list)):
+            return None if _is_sequence(value) else "must be a tuple"
+        return None
+
+    def default_fix(self) -> str:
+        return f"a value like its default {self.default!r}"
+
+
+class _DatasetChannels(Int):
+    """1 or 3: the augmentation works on grayscale or RGB images; the message names the dataset."""
+
+    def check(self, field: str, value, config=None) -> None:
+        if self.problem(value) is not None:
+            name = config.dataset.name if config is not None else ""
+            reason = (f"{name} converts images to 1 or 3 channels" if name in FILE_DATASETS
+                      else "the augmentation takes 1 (grayscale) or 3 (RGB) channels")
+            _fail(field, f"is {_show(value)} but {reason}", f"set --config.{field}=1 (grayscale) or 3 (RGB)")
+
+
+_POSITIVE = Num(lo=0, lo_open=True)
+_NON_NEGATIVE = Num(lo=0)
+_UNIT = Num(lo=0, hi=1)
+_DECAY = Num(lo=0, hi=1, hi_open=True)
+_STEPS = "the step counter is int32"
+
+# Every field of base_config() but the open sections ``loss`` and ``model`` (checked against the
+# method's loss and the encoder), in base_config's order. tests/test_config_fuzz.py checks that
+# the table covers base_config and that every entry rejects wrong types, zeros, negatives, huge
+# and empty values with one line naming the field.
+FIELD_SPECS = {
+    "method": Str(nonempty=True, fix="a registered method such as simclr"),
+    "seed": Int(lo=0, cap=MAX_SEED, why="seeds are 32-bit", fix="a whole number such as 0"),
+    "batch_size": Int(lo=1, cap=MAX_BATCH, why="the batch-size bound", fix="a positive integer such as 256"),
+    "micro_batch_size": Int(lo=0, cap=MAX_BATCH, why="the batch-size bound",
+                            fix="a divisor of batch_size such as batch_size / 4 (0 = no gradient caching)"),
+    "num_epochs": Num(lo=0, cap=MAX_EPOCHS, why="the epoch bound", fix="a non-negative value such as 100"),
+    "num_steps": Int(lo=0, why=_STEPS, fix="a whole number >= 0 (0 = use num_epochs)"),
+    "log_every_steps": Int(lo=1, why=_STEPS, fix="a positive integer such as 20"),
+    "dataset.name": Str(nonempty=True, fix="a registered dataset such as digits"),
+    "dataset.data_dir": Str(fix="a directory (\"\" = the default)"),
+    "dataset.train_split": Str(nonempty=True, fix="a split of the dataset such as train"),
+    "dataset.test_split": Str(nonempty=True, fix="a split of the dataset such as test"),
+    "dataset.image_size": Int(lo=0, cap=MAX_SIDE, why="the image-side bound",
+                              fix="the decoded side such as 224 (0 = native size)"),
+    "dataset.num_examples": Int(lo=0, why="example indices are int32", fix="a whole number >= 0 (0 = default)"),
+    "dataset.channels": _DatasetChannels(choices=(1, 3)),
+    "dataset.path": Str(fix="the image folder or list file"),
+    "dataset.split_fraction": Num(lo=0, hi=1, hi_open=True,
+                                  fix="the test fraction such as 0.1 (0 = no split)"),
+    "dataset.class_names": Seq(item=Str(nonempty=True), what="non-empty class names", unique=True,
+                               fix="the class names, each once (() = sorted folder names)"),
+    "dataset.on_error": Str(choices=("fail", "skip")),
+    "dataset.decode_workers": Int(lo=1, cap=MAX_WORKERS, why="the thread bound", fix="a positive integer such as 8"),
+    "dataset.decode_processes": Int(lo=0, cap=MAX_WORKERS, why="the worker bound",
+                                    fix="a whole number such as 8 (0 = decode in threads)"),
+    "dataset.shuffle_buffer": Int(lo=1, cap=2**20, why="the buffer holds that many encoded images in memory",
+                                  fix="a positive integer such as 4096"),
+    "dataset.host_crop": Str(choices=("center", "random")),
+    "augment.crop_size": Int(lo=1, cap=MAX_SIDE, why="the image-side bound", fix="a positive integer such as 32"),
+    "augment.crop_scale": Pair(lo=0, hi=1, fix="'(0.08, 1.0)'"),
+    "augment.crop_ratio": Pair(lo=0, fix="'(0.75, 1.3333)'"),
+    "augment.flip_prob": Probability(),
+    "augment.jitter_strength": Num(lo=0, fix="a non-negative value such as 1.0 (0 = no jitter)"),
+    "augment.jitter_prob": Probability(),
+    "augment.gray_prob": Probability(),
+    "augment.blur_prob": Probability(per_view=True),
+    "augment.blur_sigma": Pair(lo=0, fix="'(0.1, 2.0)'"),
+    "augment.solarize_prob": Probability(per_view=True),
+    "augment.solarize_threshold": _UNIT,
+    "augment.mean": Seq(item=_UNIT, what="per-channel means of pixels / 255", min_len=1,
+                        fix="the per-channel means of pixels / 255 such as '(0.485, 0.456, 0.406)'"),
+    "augment.std": Seq(item=Num(lo=0, hi=1, lo_open=True), min_len=1,
+                       what="per-channel stds of pixels / 255",
+                       fix="the per-channel stds of pixels / 255 such as '(0.229, 0.224, 0.225)'"),
+    "projector.hidden_dims": Seq(item=Int(lo=1, cap=MAX_WIDTH, why="the MLP-width bound"), max_len=MAX_LAYERS,
+                                 what="positive layer widths", fix="layer widths such as '(2048,)'"),
+    "projector.out_dim": Int(lo=1, cap=MAX_WIDTH, why="the MLP-width bound", fix="a positive integer such as 128"),
+    "projector.use_bn": Bool(),
+    "projector.last_bn": Bool(),
+    "predictor.hidden_dims": Seq(item=Int(lo=1, cap=MAX_WIDTH, why="the MLP-width bound"), max_len=MAX_LAYERS,
+                                 what="positive layer widths", fix="layer widths such as '(4096,)'"),
+    "predictor.use_bn": Bool(),
+    "momentum.base": Num(lo=0, hi=1, hi_open=True, fix="a value such as 0.996"),
+    "momentum.final": Num(lo=0, hi=1, fix="1.0 (cosine schedule to 1) or momentum.base (constant)"),
+    "queue.size": Int(lo=1, cap=MAX_BATCH, why="the queue bound",
+                      fix=lambda c: f"a positive multiple of {c.batch_size} (config.batch_size) such as "
+                                    f"{c.batch_size * max(1, 65536 // c.batch_size)}"),
+    "optimizer.name": Str(choices=OPTIMIZERS),
+    "optimizer.lr": _POSITIVE,
+    "optimizer.lr_scaling": Str(choices=LR_SCALING_RULES),
+    "optimizer.base_batch": Int(lo=1, cap=MAX_BATCH, why="the batch-size bound", fix="a positive integer such as 256"),
+    "optimizer.weight_decay": _NON_NEGATIVE,
+    "optimizer.momentum": _DECAY,
+    "optimizer.nesterov": Bool(),
+    "optimizer.trust_coefficient": Num(lo=0, lo_open=True, fix="a positive value such as 0.001"),
+    "optimizer.b1": _DECAY,
+    "optimizer.b2": _DECAY,
+    "optimizer.warmup_epochs": Num(lo=0, cap=MAX_EPOCHS, why="the epoch bound"),
+    "optimizer.end_lr": _NON_NEGATIVE,
+    "optimizer.grad_clip_norm": Num(lo=0, fix="a positive value (0 = off)"),
+    "probe.lr": _POSITIVE,
+    "probe.weight_decay": _NON_NEGATIVE,
+    "checkpoint.every_steps": Int(lo=1, why=_STEPS, fix="a positive integer such as 500"),
+    "checkpoint.keep": Int(lo=1, fix="a positive integer such as 3"),
+    "checkpoint.async_save": Bool(),
+    "eval.final": Bool(),
+    "eval.compare_random_init": Bool(),
+    "eval.knn_k": Seq(item=Int(lo=1), what="positive integers", min_len=1, fix="'(20, 200)'"),
+    "eval.knn_temperature": Num(lo=0, lo_open=True, fix="a positive value such as 0.07"),
+    "eval.batch_size": Int(lo=1, cap=MAX_BATCH, why="the batch-size bound", fix="a positive integer such as 512"),
+    "eval.max_train_examples": Int(lo=0, why="example indices are int32", fix="a whole number >= 0 (0 = all)"),
+    "evals.*.every_steps": Int(lo=0, why=_STEPS, fix="0 (off) or an interval in steps"),
+    "evals.knn.k": Seq(item=Int(lo=1), what="positive integers", min_len=1, fix="'(20,)'"),
+    "evals.knn.temperature": Num(lo=0, lo_open=True, fix="a positive value such as 0.07"),
+    "evals.fewshot.shots": Seq(item=Int(lo=1), what="positive integers", min_len=1, fix="'(10,)'"),
+    "evals.fewshot.seeds": Int(lo=1, cap=MAX_SEEDS, why="the draw bound", fix="a positive integer such as 3"),
+    "nonfinite.policy": Str(choices=NONFINITE_POLICIES),
+    "nonfinite.max_consecutive_skips": Int(lo=1, why=_STEPS, fix="a positive integer such as 10"),
+}
+
+# The keyword arguments of the losses (config.loss), by name; a method's other keywords get
+# the type of their default (Like).
+LOSS_SPECS = {
+    "temperature": _POSITIVE,
+    "decoupled": Bool(),
+    "chunk_size": Int(lo=1, optional=True, fix="a positive integer such as 4096 (unset = one dense block)"),
+    "monitors": Bool(),
+    "lambd": Num(lo=0, fix="a non-negative value such as 0.0051"),
+    "eps": Num(lo=0, lo_open=True, fix="a small positive value such as 1e-05"),
+    "impl": Str(choices=("auto", "replicated", "column_split")),
+    "sim_coeff": _NON_NEGATIVE,
+    "std_coeff": _NON_NEGATIVE,
+    "cov_coeff": _NON_NEGATIVE,
+    "beta": Num(lo=0, hi=1, hi_open=True, fix="a value such as 0.9"),
+    "rho": _NON_NEGATIVE,
+    "label_smoothing": Num(lo=0, hi=1, hi_open=True, fix="a value such as 0.1"),
+}
+
+
+def field_spec(field: str, default: Any = None) -> Spec:
+    """The spec of dotted ``field`` (``evals.<name>.every_steps`` for every evaluator), else its default's type."""
+    if field in FIELD_SPECS:
+        return FIELD_SPECS[field]
+    parts = field.split(".")
+    if len(parts) == 3 and parts[0] == "evals" and f"evals.*.{parts[2]}" in FIELD_SPECS:
+        return FIELD_SPECS[f"evals.*.{parts[2]}"]
+    return Like(default=default)
+
+
+def _show(value) -> str:
+    """``repr`` on one line, shortened: what a message quotes of a bad value."""
+    text = repr(_plain(value))
+    return text if len(text) <= 120 else text[:100] + " ...(" + str(len(text)) + " characters)"
+
+
+def check_field_ranges(config) -> None:
+    """Checks every field but those of ``loss`` and ``model`` against :data:`FIELD_SPECS` (type and range).
+
+    The config is walked along ``base_config``: a field it lacks, or a section given
+    a plain value, fails too (configs build on base_config, which has every field).
+    """
+    _check_section(_plain(config), base_config().to_dict(), "", config)
+
+
+def _check_section(values: Mapping, reference: Mapping, prefix: str, config) -> None:
+    for key, default in reference.items():
+        field = f"{prefix}{key}"
+        if key not in values:
+            _fail(field, "is missing", "build the config on clrjax.config.base_config(), which has every field")
+        value = values[key]
+        if isinstance(default, Mapping):
+            if not isinstance(value, Mapping):
+                _fail(field, f"is {_show(value)} but is a section of fields, not a value",
+                      f"set its fields instead (--config.{field}.NAME=VALUE)")
+            if field not in ("loss", "model"):  # open sections: the loss's and the encoder's own checks
+                _check_section(value, default, f"{field}.", config)
+        else:
+            field_spec(field, default).check(field, value, config)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -175,96 +636,89 @@ def _plain(tree):
     return tree.to_dict() if hasattr(tree, "to_dict") else tree
 
 
-def _check_choice(field: str, value: Any, options) -> None:
-    if value not in options:
-        _fail(field, f"is {value!r}, which is not supported", _suggest(value, options))
-
-
-def _check_positive(field: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = "non-negative" if allow_zero else "positive"
-        _fail(field, f"is {value!r} but must be a {bound} number", f"set --config.{field} to a {bound} value")
-
-
-def _check_probability(field: str, value: Any) -> None:
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    for v in values:
-        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            _fail(field, f"is {value!r} but probabilities must lie in [0, 1]",
-                  f"set --config.{field} to values between 0 and 1")
-
-
 def _check_loss_kwargs(config, method) -> None:
-    accepted = set(method.loss_kwarg_defaults())
+    """Every key of ``config.loss`` is a keyword of the method's loss, in its range (:data:`LOSS_SPECS`)."""
+    defaults = method.loss_kwarg_defaults()
     for key in config.loss:
-        if key not in accepted:
+        if key not in defaults:
             _fail(f"loss.{key}", f"is not an argument of the {config.method} loss",
-                  _suggest(key, sorted(accepted)))
-    temperature = config.loss.get("temperature", None)
-    if temperature is not None:
-        _check_positive("loss.temperature", temperature)
+                  _suggest(key, sorted(defaults)))
+        LOSS_SPECS.get(key, Like(default=defaults[key])).check(f"loss.{key}", config.loss[key], config)
+
+
+def _check_loss_layout(config, num_devices: Optional[int]) -> None:
+    """What the losses would otherwise refuse while the first step compiles."""
+    if config.loss.get("impl", None) == "column_split" and num_devices and config.projector.out_dim % num_devices:
+        _fail("loss.impl", f"is 'column_split', which needs config.projector.out_dim ({config.projector.out_dim}) "
+              f"divisible by the {num_devices} devices", "use impl='auto' or 'replicated', or a divisible out_dim")
+    if config.batch_size < 2 and (config.method == "vicreg" or config.loss.get("decoupled", False)):
+        _fail("batch_size", f"is {config.batch_size} but {config.method} needs at least 2 images per step "
+              "(a variance, or a negative per anchor)", "set --config.batch_size to 2 or more")
 
 
 def validate_config(config, *, num_devices: Optional[int] = None,
                     num_processes: int = 1) -> None:
     """Checks ``config`` before any data is loaded or anything compiled.
 
+    First every field against its range (:data:`FIELD_SPECS`, :data:`LOSS_SPECS`;
+    the encoder's fields against the encoder), then what depends on several
+    fields, the method, the dataset's split names and the device count.
+    Dataset contents (files present, channels, sizes) are checked when
+    :func:`clrjax.train.build_experiment` opens the splits, still before
+    anything is compiled.
+
     Args:
       config: the resolved ConfigDict.
       num_devices: global device count the batch will be sharded over.
       num_processes: number of JAX processes feeding the batch.
     Raises:
-      ConfigError: naming the offending field and how to fix it.
+      ConfigError: one line naming the offending field and how to fix it.
     """
     check_known_keys(config, base_config())
+    check_field_ranges(config)
     method = _registered("method", config.method, "clrjax.methods", "METHODS")
     dataset = _registered("dataset.name", config.dataset.name, "clrjax.data.datasets", "DATASETS")
     _check_splits(config, dataset)
     _check_file_dataset(config)
-    _check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
-    _check_choice("optimizer.lr_scaling", config.optimizer.lr_scaling, LR_SCALING_RULES)
-    _check_choice("nonfinite.policy", config.nonfinite.policy, NONFINITE_POLICIES)
     _check_loss_kwargs(config, method)
+    _check_loss_layout(config, num_devices)
     _check_views(config, method)
-    _check_evals(config)
-
-    if not isinstance(config.batch_size, int) or config.batch_size <= 0:
-        _fail("batch_size", f"is {config.batch_size!r} but must be a positive integer",
-              "set --config.batch_size to e.g. 256")
-    _check_positive("optimizer.lr", config.optimizer.lr)
-    _check_positive("probe.lr", config.probe.lr)
-    _check_positive("optimizer.weight_decay", config.optimizer.weight_decay, allow_zero=True)
-    _check_positive("optimizer.warmup_epochs", config.optimizer.warmup_epochs, allow_zero=True)
-    _check_positive("num_epochs", config.num_epochs, allow_zero=True)
-    _check_positive("num_steps", config.num_steps, allow_zero=True)
     if config.num_steps == 0 and config.num_epochs == 0:
         _fail("num_steps", "and config.num_epochs are both 0, so there is nothing to train",
               "set --config.num_steps or --config.num_epochs to a positive value")
-    _check_positive("log_every_steps", config.log_every_steps)
-    _check_positive("checkpoint.every_steps", config.checkpoint.every_steps)
-    _check_positive("checkpoint.keep", config.checkpoint.keep)
-    _check_positive("eval.batch_size", config.eval.batch_size)
-    _check_positive("augment.crop_size", config.augment.crop_size)
-    for field in ("flip_prob", "jitter_prob", "gray_prob", "blur_prob", "solarize_prob"):
-        _check_probability(f"augment.{field}", config.augment[field])
-    scale = tuple(config.augment.crop_scale)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        _fail("augment.crop_scale", f"is {scale!r} but must be (min, max) with 0 < min <= max <= 1",
-              "set e.g. --config.augment.crop_scale='(0.08, 1.0)'")
-    if config.projector.out_dim <= 0:
-        _fail("projector.out_dim", f"is {config.projector.out_dim!r} but must be positive",
-              "set --config.projector.out_dim to e.g. 128")
-
     if num_devices is not None and config.batch_size % num_devices:
         _fail("batch_size", f"is {config.batch_size}, which {num_devices} devices do not divide",
               f"use a multiple of {num_devices}, e.g. {num_devices * max(1, config.batch_size // num_devices)}")
     if config.batch_size % num_processes:
         _fail("batch_size", f"is {config.batch_size}, which {num_processes} processes do not divide",
               f"use a multiple of {num_processes}")
+    _check_micro_batch(config, method, num_devices)
     _check_model(config)
     method.validate(config)
+
+
+def _check_micro_batch(config, method, num_devices: Optional[int]) -> None:
+    """Gradient caching splits the global batch into ``batch_size / micro_batch_size`` micro-batches,
+    each spread evenly over the devices (clrjax/gradient_cache.py)."""
+    m, batch = config.micro_batch_size, config.batch_size
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        _fail("micro_batch_size", f"is {m!r} but must be a whole number >= 0",
+              "set --config.micro_batch_size to e.g. batch_size / 4 (0 = no gradient caching)")
+    if m == 0:
+        return
+    if batch % m:
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0 and d < batch]
+        _fail("micro_batch_size", f"is {m}, which does not divide config.batch_size={batch}",
+              f"set --config.micro_batch_size to a divisor of the batch size, e.g. "
+              f"{max([d for d in divisors if d <= m] or [batch])}")
+    if num_devices is not None and m % num_devices:
+        _fail("micro_batch_size", f"is {m} but each micro-batch is spread over the {num_devices} devices, "
+              f"so per-device micro-batches of batch_size/{num_devices}={batch // num_devices} would not divide "
+              f"evenly", f"set --config.micro_batch_size to a multiple of {num_devices} that divides {batch}, e.g. "
+              f"{num_devices * max(1, m // num_devices)}")
+    if not method.supports_gradient_cache:
+        _fail("micro_batch_size", f"is {m} but the {config.method} method does not support gradient caching "
+              "(its forward pass mixes examples)", "set --config.micro_batch_size=0")
 
 
 def _registered(field: str, name: Any, module: str, registry: str):
@@ -301,34 +755,10 @@ FILE_DATASETS = ("image_folder", "csv", "tsv", "webdataset")
 
 
 def _check_file_dataset(config) -> None:
-    """The config.dataset fields of the datasets read from your own files; checked for every dataset."""
+    """The path of the datasets read from your own files (their other fields are in FIELD_SPECS)."""
     d = config.dataset
-    _check_choice("dataset.on_error", d.on_error, ("fail", "skip"))
-    workers = d.decode_workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
-        _fail("dataset.decode_workers", f"is {workers!r} but must be a positive integer",
-              "set --config.dataset.decode_workers to e.g. 8")
-    processes = d.decode_processes
-    if isinstance(processes, bool) or not isinstance(processes, int) or not 0 <= processes <= 1024:
-        _fail("dataset.decode_processes", f"is {processes!r} but must be a whole number >= 0 (at most 1024)",
-              "set --config.dataset.decode_processes to e.g. 8 (0 = decode in threads)")
-    buffer = d.shuffle_buffer
-    if isinstance(buffer, bool) or not isinstance(buffer, int) or not 1 <= buffer <= 2**20:
-        _fail("dataset.shuffle_buffer", f"is {buffer!r} but must be a positive integer (at most 2**20: the buffer "
-              "holds that many encoded images in memory)", "set --config.dataset.shuffle_buffer to e.g. 4096")
-    _check_choice("dataset.host_crop", d.host_crop, ("center", "random"))
-    fraction = d.split_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        _fail("dataset.split_fraction", f"is {fraction!r} but must be in [0, 1)",
-              "set --config.dataset.split_fraction to the test fraction, e.g. 0.1 (0 = no split)")
     if d.name not in FILE_DATASETS:
         return
-    if d.channels not in (1, 3):
-        _fail("dataset.channels", f"is {d.channels!r} but {d.name} converts images to 1 or 3 channels",
-              "set --config.dataset.channels=1 (grayscale) or 3 (RGB)")
-    if not isinstance(d.image_size, int) or d.image_size < 0:
-        _fail("dataset.image_size", f"is {d.image_size!r} but must be a whole number >= 0",
-              "set --config.dataset.image_size to the decoded side, e.g. 224 (0 = native size)")
     if not d.path:
         what = {"image_folder": "the image folder", "webdataset": "the tar shards (e.g. shards-{00000..00099}.tar)"}
         _fail("dataset.path", f"is empty but {d.name} reads its images from it",
@@ -344,16 +774,6 @@ def _check_file_dataset(config) -> None:
     if "{split}" not in path and not os.path.exists(path):
         _fail("dataset.path", f"is {d.path!r}, which does not exist", f"set --config.dataset.path to {d.name}'s "
               "folder or list file")
-    if len(set(d.class_names)) != len(d.class_names):
-        _fail("dataset.class_names", f"lists a class twice ({tuple(d.class_names)!r})", "give each class once")
-
-
-def _check_evals(config) -> None:
-    for name, evaluator_cfg in config.evals.items():
-        every = evaluator_cfg.get("every_steps", None)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            _fail(f"evals.{name}.every_steps", f"is {every!r} but must be a whole number >= 0",
-                  f"set --config.evals.{name}.every_steps to 0 (off) or an interval in steps")
 
 
 def _check_model(config) -> None:
@@ -370,6 +790,13 @@ def _check_model(config) -> None:
         ) from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.model is invalid: {err}") from None
+    for key, value in models.resolve_model_config(config.model).items():
+        # The encoder checks each field's kind; sizes also get the width bound (a typo of 1e12 channels
+        # would otherwise fail only when the parameters are allocated).
+        numbers_in = value if _is_sequence(value) else (value,)
+        if any(isinstance(v, numbers.Real) and not isinstance(v, bool) and not v <= MAX_WIDTH for v in numbers_in):
+            _fail(f"model.{key}", f"is {_show(value)} but its numbers must be finite and at most {MAX_WIDTH}, "
+                  "the width bound", f"set --config.model.{key} to a smaller value")
     try:
         models.check_input_size(config.model.to_dict(), config.augment.crop_size)
     except ValueError as err:

@@ -84,7 +84,13 @@ def total_training_steps(config, num_examples: int) -> tuple[int, int]:
             f"{num_examples} examples; use a batch size of at most {num_examples}.")
     if config.num_steps > 0:
         return steps_per_epoch, int(config.num_steps)
-    return steps_per_epoch, max(1, int(round(config.num_epochs * steps_per_epoch)))
+    total = max(1, int(round(config.num_epochs * steps_per_epoch)))
+    if total > config_lib.MAX_COUNT:
+        raise config_lib.ConfigError(
+            f"config.num_epochs is {config.num_epochs}, which is {total} steps of {steps_per_epoch} per epoch, more "
+            f"than the int32 step counter holds; set --config.num_epochs to at most "
+            f"{config_lib.MAX_COUNT // steps_per_epoch}.")
+    return steps_per_epoch, total
 
 
 def build_optimizer(config, steps_per_epoch: int, total_steps: int, method=None):
@@ -111,6 +117,9 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
     num_processes = jax.process_count() if num_processes is None else num_processes
     config_lib.validate_config(config, num_devices=mesh.size, num_processes=num_processes)
     train_source = sources.load_source(config.dataset.to_dict(), config.dataset.train_split)
+    if config.eval.final or any(e["every_steps"] > 0 for e in config.evals.values()):
+        # Opened now so that a split the dataset lacks, or its missing files, fail before training.
+        sources.load_source(config.dataset.to_dict(), config.dataset.test_split)
     image_shape = tuple(train_source.image_shape)
     _check_channels(config, image_shape)
     steps_per_epoch, total_steps = total_training_steps(config, len(train_source))

@@ -8,7 +8,7 @@ COMMAND:
 Each test feature votes with its k nearest (cosine) training features, weight exp(s / T)
 (Wu et al. 2018, sec. 3.4; k = 20 and 200, T = 0.07), computed blockwise on device.
 Writes knn_eval.json in the run directory (or the export directory, or --out) and prints one line.
-Exit status: 0 done; 3 bad input (the message says what to fix).
+Exit status: 0 done; 3 bad input (the message says what to fix); 6 knn_eval.json could not be written.
 """
 import sys
 
@@ -19,16 +19,17 @@ from clrjax import cli
 _ENC = cli.define_encoder_flags("knn_eval.json")
 _KS = flags.DEFINE_list("ks", ["20", "200"], "Numbers of neighbours k (Wu et al. 2018: 200).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "Vote temperature T (Wu et al. 2018: 0.07).")
+_RULES = (cli.ints_at_least("ks", 1, "numbers of neighbours, e.g. --ks=20,200"),
+          cli.positive_number("temperature", "Wu et al. 2018 use 0.07"))
 
 
 def main(argv):
     del argv
+    cli.check_flags("knn_eval", _RULES)
+    _ENC.check("knn_eval", "knn_eval.json")
     from clrjax.evaluation import restore, run_eval
 
-    try:
-        ks = [int(k) for k in _KS.value]
-    except ValueError:
-        cli.fail("knn_eval", f"--ks={','.join(_KS.value)} must be integers, e.g. --ks=20,200.")
+    ks = [int(k) for k in _KS.value]
     try:
         encoder = _ENC.restore()
         result = run_eval.run_knn_eval(encoder, ks=ks, temperature=_TEMPERATURE.value,
@@ -37,7 +38,8 @@ def main(argv):
         cli.fail("knn_eval", err)
     result["command"] = " ".join(sys.argv)
     out_dir = _ENC.output_dir(encoder)
-    path = run_eval.write_result(out_dir, run_eval.KNN_EVAL_FILE, {"knn": result})
+    path = cli.write_or_fail("knn_eval", lambda: run_eval.write_result(
+        out_dir, run_eval.KNN_EVAL_FILE, {"knn": result}), run_eval.KNN_EVAL_FILE)
     print(run_eval.format_knn_line(result, path), flush=True)
 
 

@@ -13,7 +13,7 @@ Protocols (clrjax/evaluation/run_eval.py; docs/EVALUATION.md):
   --few_shot k = 1, 5, 10, 25 examples per class, 5 draws, mean ± std (features protocol).
 Reports top-1 and top-5 on config.dataset.test_split; merges the result into linear_eval.json
 in the run directory (or the export directory, or --out) and prints one line.
-Exit status: 0 done; 3 bad input (the message says what to fix).
+Exit status: 0 done; 3 bad input (the message says what to fix); 6 linear_eval.json could not be written.
 """
 import sys
 
@@ -27,10 +27,15 @@ _FEW_SHOT = flags.DEFINE_bool("few_shot", False, "Also run 1/5/10/25-shot linear
 _EPOCHS = flags.DEFINE_integer("epochs", 90, "augmented: training epochs (SimCLR app. B.5: 90).")
 _LR = flags.DEFINE_float("lr", None, "augmented: base learning rate (default 0.1 x batch_size / 256).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "augmented: batch size (a multiple of the local devices).")
+_RULES = (cli.int_at_least("epochs", 1, "augmented-protocol training epochs"),
+          cli.positive_number("lr", "the augmented protocol's base learning rate"),
+          cli.int_at_least("batch_size", 1, "the augmented protocol's batch size"))
 
 
 def main(argv):
     del argv
+    cli.check_flags("linear_eval", _RULES)
+    _ENC.check("linear_eval", "linear_eval.json")
     from clrjax.evaluation import restore, run_eval
 
     try:
@@ -42,7 +47,8 @@ def main(argv):
         cli.fail("linear_eval", err)
     command = " ".join(sys.argv)
     results = {k: dict(v, command=command) for k, v in results.items()}
-    path = run_eval.write_result(_ENC.output_dir(encoder), run_eval.LINEAR_EVAL_FILE, results)
+    path = cli.write_or_fail("linear_eval", lambda: run_eval.write_result(
+        _ENC.output_dir(encoder), run_eval.LINEAR_EVAL_FILE, results), run_eval.LINEAR_EVAL_FILE)
     print(run_eval.format_linear_line(results, path), flush=True)
 
 

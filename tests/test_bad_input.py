@@ -16,9 +16,11 @@ docs/BAD_INPUT.md is generated from these runs, never typed by hand::
 """
 import contextlib
 import dataclasses
+import errno
 import functools
 import gzip
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -197,6 +199,56 @@ def train_on(ctx: Context, workdir: str, **overrides) -> None:
     train.train(tiny(**overrides), workdir)
 
 
+def with_value(config, dotted: str, value):
+    """``config`` with ``dotted`` set to ``value`` of any type (as a hand-edited config.json can hold)."""
+    tree = config.to_dict()
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    import ml_collections
+    return ml_collections.ConfigDict(tree)
+
+
+def fashion_without_test_files(ctx: Context) -> str:
+    """A Fashion-MNIST dir with valid train files (all-zero images) and no t10k test files."""
+    return fashion_dir_with_images(ctx, idx_header(0x08, (60000, 28, 28)) + bytes(60000 * 28 * 28))
+
+
+def train_tiny_tfds(ctx: Context, workdir: str, **overrides) -> None:
+    """Trains on the tiny TFDS dataset (split 'train' only) registered for the call as 'bad_input_tfds'."""
+    from clrjax.data.datasets import DATASETS, Dataset
+
+    tfds, builder = _tiny_tfds_builder()
+    data_dir = ctx.path("tfds")
+    with contextlib.redirect_stdout(sys.stderr):
+        builder(data_dir=data_dir, file_format="array_record").download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    DATASETS.register(Dataset("bad_input_tfds", lambda cfg, split: sources.TfdsSource(
+        "clrjax_bad_input_tiny", split, cfg["data_dir"]), lambda cfg: ((8, 8, 3), 2)))
+    try:
+        train_on(ctx, workdir, **{"dataset.name": "bad_input_tfds", "dataset.data_dir": data_dir,
+                                  "batch_size": 16, **overrides})
+    finally:
+        DATASETS.unregister("bad_input_tfds")
+
+
+def result_write_fails(ctx: Context) -> None:
+    """The evaluation programs' result write (clrjax.cli.write_or_fail) on a full disk, in process."""
+    from clrjax import cli
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), ctx.path("out/knn_eval.json"))
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            cli.write_or_fail("knn_eval", full_disk, "knn_eval.json")
+        except SystemExit as exit_:
+            raise CliExit(exit_.code, stderr.getvalue()) from None
+
+
 @functools.lru_cache(maxsize=None)
 def _tiny_tfds_builder():
     import tensorflow_datasets as tfds
@@ -317,6 +369,52 @@ CASES = [
     Case("resnet50_stem_on_8x8", "image size the ResNet-50 stem cannot take", "model resnet50 on 8x8 digits",
          lambda c: train_on(c, c.saved_run(), model={"name": "resnet50"}),
          "ConfigError", "'resnet50' downsamples by 32, so images of size 8 are too small"),
+    # ---- silent changes and late failures of issue 17 (field ranges: clrjax/config.py FIELD_SPECS)
+    Case("negative_knn_interval", "negative periodic kNN interval", "evals.knn.every_steps=-1",
+         lambda c: train_on(c, c.saved_run(), **{"evals.knn.every_steps": -1}),
+         "ConfigError", "config.evals.knn.every_steps is -1 but must be a whole number >= 0"),
+    Case("negative_max_train_examples", "negative probe-set cap", "eval.max_train_examples=-5",
+         lambda c: train_on(c, c.saved_run(), **{"eval.max_train_examples": -5}),
+         "ConfigError", "config.eval.max_train_examples is -5 but must be a whole number >= 0"),
+    Case("huge_num_steps", "more steps than the step counter holds", "num_steps=10**12",
+         lambda c: train_on(c, c.saved_run(), num_steps=10**12),
+         "ConfigError", "config.num_steps is 1000000000000 but must be at most 2147483647, the step counter is int32"),
+    Case("zero_projector_width", "zero width in the projector", "projector.hidden_dims=(0,)",
+         lambda c: train_on(c, c.saved_run(), **{"projector.hidden_dims": (0,)}),
+         "ConfigError", "config.projector.hidden_dims is (0,) but must be a tuple of positive layer widths"),
+    Case("zero_chunk_size", "zero loss chunk size (failed at the first step)", "loss.chunk_size=0",
+         lambda c: train_on(c, c.saved_run(), **{"loss.chunk_size": 0}),
+         "ConfigError", "config.loss.chunk_size is 0 but must be a positive integer or None"),
+    Case("column_split_indivisible", "column_split the devices cannot split (failed at the first step)",
+         "barlow_twins, loss.impl='column_split', projector.out_dim=12 on 8 devices",
+         lambda c: train.train(tiny("barlow_twins", **{"loss.impl": "column_split", "projector.out_dim": 12}),
+                               c.fresh_workdir()),
+         "ConfigError", "config.loss.impl is 'column_split', which needs config.projector.out_dim (12) divisible"),
+    Case("zero_std", "zero normalisation std (was reported as non-finite values)", "augment.std=(0.0,)",
+         lambda c: train_on(c, c.saved_run(), **{"augment.std": (0.0,)}),
+         "ConfigError", "config.augment.std is (0.0,) but must be a tuple of per-channel stds of pixels / 255"),
+    Case("mean_in_pixel_units", "normalisation mean in 0..255 units", "augment.mean=(123.675,)",
+         lambda c: train_on(c, c.saved_run(), **{"augment.mean": (123.675,)}),
+         "ConfigError", "config.augment.mean is (123.675,) but must be a tuple of per-channel means of pixels / 255"),
+    Case("wrong_type_in_config", "string where a number belongs (hand-edited config)", "batch_size='32'",
+         lambda c: train.train(with_value(tiny(), "batch_size", "32"), c.saved_run()),
+         "ConfigError", "config.batch_size is '32' but must be a positive integer"),
+    Case("section_given_a_value", "a value where a section belongs", "optimizer=0.1",
+         lambda c: train.train(with_value(tiny(), "optimizer", 0.1), c.saved_run()),
+         "ConfigError", "config.optimizer is 0.1 but is a section of fields, not a value"),
+    Case("unknown_test_split", "evaluation split the dataset lacks", "dataset.test_split='validation' on digits",
+         lambda c: train_on(c, c.saved_run(), **{"dataset.test_split": "validation"}),
+         "ConfigError", "config.dataset.test_split is 'validation', which digits does not have"),
+    Case("tfds_unknown_test_split", "evaluation split a TFDS dataset lacks (failed after training)",
+         "TFDS dataset with split 'train' only, dataset.test_split='validation', fresh workdir",
+         lambda c: train_tiny_tfds(c, c.fresh_workdir(), **{"dataset.test_split": "validation",
+                                                            "eval.final": True}),
+         "DataError", "split 'validation'"),
+    Case("fashion_mnist_without_test_files", "Fashion-MNIST dir without its test files (failed after training)",
+         "train files only, eval.final=True, fresh workdir",
+         lambda c: train_on(c, c.fresh_workdir(), **{"dataset.name": "fashion_mnist", "eval.final": True,
+                                                     "dataset.data_dir": fashion_without_test_files(c)}),
+         "DataError", "t10k-images-idx3-ubyte.gz does not exist"),
     # ---- files and directories
     Case("fashion_mnist_missing_dir", "missing dataset directory", "fashion_mnist, data_dir=/nonexistent",
          lambda c: train_on(c, c.saved_run(), **{"dataset.name": "fashion_mnist", "dataset.data_dir": "/nonexistent"}),
@@ -415,6 +513,48 @@ CASES = [
     Case("cli_bad_value_on_saved_run", "bad value, CLI, on a finished run", "--config.loss.temperature=0",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.saved_run()}", "--config.loss.temperature=0.0"),
          "exit 3", "[process 0] config error: config.loss.temperature is 0.0 but must be a positive number"),
+    Case("cli_tuple_flag_twice", "tuple flag given twice (was joined: (32,) then (64,) trained [32, 64])",
+         "--config.projector.hidden_dims=(32,) --config.projector.hidden_dims=(64,)",
+         lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}",
+                           "--config.projector.hidden_dims=(32,)", "--config.projector.hidden_dims=(64,)"),
+         "exit 3", "--config.projector.hidden_dims is given 2 times ((32,) then (64,)), which ml_collections "
+                   "would join into (32, 64)"),
+    Case("cli_negative_stop_after_steps", "negative --stop_after_steps (trained nothing, exit 0)",
+         "--stop_after_steps=-1, fresh workdir",
+         lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--stop_after_steps=-1"),
+         "exit 3", "train: --stop_after_steps=-1 must be a positive integer"),
+    Case("cli_train_without_workdir", "train.py without --workdir (was a usage dump, exit 1)", "--config only",
+         lambda c: run_cli(f"--config={DIGITS}"),
+         "exit 3", "train: --config and --workdir are required"),
+    Case("cli_knn_result_unwritable", "result directory that cannot be written (failed after the evaluation)",
+         "knn_eval.py --out=/proc/clrjax_out",
+         lambda c: run_program("knn_eval", f"--workdir={c.saved_run()}", "--out=/proc/clrjax_out"),
+         "exit 3", "knn_eval: --out=/proc/clrjax_out is not writable"),
+    Case("cli_linear_out_is_a_file", "--out pointing at a file (failed after the evaluation)",
+         "linear_eval.py --out=<file>",
+         lambda c: (open(c.path("a_file"), "w").close(),
+                    run_program("linear_eval", f"--workdir={c.saved_run()}", f"--out={c.path('a_file')}")),
+         "exit 3", "is a file, not a directory; pass a directory for the results"),
+    Case("cli_knn_result_file_not_json", "result file to merge into is not JSON (failed after the evaluation)",
+         "knn_eval.py --out=DIR, DIR/knn_eval.json cut short",
+         lambda c: (os.makedirs(c.path("out")), open(c.path("out/knn_eval.json"), "w").write('{"knn": {'),
+                    run_program("knn_eval", f"--workdir={c.saved_run()}", f"--out={c.path('out')}")),
+         "exit 3", "knn_eval.json is not a JSON object, so the new result cannot be merged into it"),
+    Case("cli_linear_eval_zero_epochs", "zero probe epochs (was checked after the encoder was restored)",
+         "linear_eval.py --protocol=augmented --epochs=0",
+         lambda c: run_program("linear_eval", f"--workdir={c.saved_run()}", "--protocol=augmented", "--epochs=0"),
+         "exit 3", "linear_eval: --epochs=0 must be a positive integer"),
+    Case("cli_result_write_fails", "result file write fails after the work (disk full)",
+         "clrjax.cli.write_or_fail with ENOSPC, as knn_eval/linear_eval/export/benchmark write",
+         result_write_fails,
+         "exit 6", "(No space left on device); the work is done but its result is lost"),
+    Case("cli_export_unknown_format", "unknown export format (was checked after the checkpoint was read)",
+         "export.py --formats=onnx",
+         lambda c: run_program("export", f"--workdir={c.saved_run()}", "--formats=onnx"),
+         "exit 3", "export: --formats=onnx must be a comma-separated list of orbax, safetensors, torch"),
+    Case("cli_benchmark_zero_steps", "zero timed steps, benchmark", "benchmark.py --steps=0",
+         lambda c: run_program("benchmark", f"--config={DIGITS}", "--steps=0", f"--json_out={c.path('b.json')}"),
+         "exit 3", "benchmark: --steps=0 must be a positive integer"),
     Case("cli_missing_dataset", "missing dataset directory, CLI", "--config.dataset.name=fashion_mnist "
          "--config.dataset.data_dir=/nonexistent",
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.dataset.name=fashion_mnist",
@@ -505,11 +645,52 @@ Generated by `.venv/bin/python tests/test_bad_input.py > docs/BAD_INPUT.md` from
 afterwards; a fresh workdir stays without files). In-process cases call `clrjax.train.train`
 on a copy of a finished run unless the input says otherwise.
 
+Every program of `experiments/` ends an expected failure with one line on stderr and an exit
+status (`clrjax/cli.py`); an in-process `ConfigError`/`DataError` is exit 3 on the command line:
+
+| exit | meaning |
+|---|---|
+| 0 | done |
+| 1 | unexpected error (a traceback: a bug, please report it) |
+| 3 | bad input: flags, config, data, workdir, checkpoint or output directory, found before anything is compiled (program flags before anything is loaded) |
+| 4 | non-finite values stopped training (`config.nonfinite`) |
+| 5 | a checkpoint could not be written |
+| 6 | a result file could not be written after the work was done (disk full, directory removed meanwhile) |
+| 75 | stopped by SIGTERM/preemption after saving (`EX_TEMPFAIL`): re-run to resume |
+
 """
+
+RANGES = """
+
+## Field ranges
+
+`clrjax.config.validate_config` checks every field against this table (`FIELD_SPECS`, and
+`LOSS_SPECS` for `config.loss`) before anything is loaded or compiled; `tests/test_config_fuzz.py`
+checks that it covers `base_config` and draws wrong types, zeros, negatives, huge and empty values
+for every field. Integers are never bools, numbers are finite (and, as they reach the device,
+integers fit int32 and floats float32), tuples may be lists (config.json). The upper bounds of
+counts and sizes are sanity bounds far beyond any published setting (`MAX_COUNT`: the int32 step
+counter and example indices; `MAX_BATCH`, `MAX_WIDTH`, `MAX_SIDE`, `MAX_EPOCHS` in
+`clrjax/config.py`); a value inside them still has to fit the machine: a batch, width or crop that
+runs out of device memory fails when the step is compiled, and a huge but valid `num_steps` is a
+long run, not a hang. `config.model` is checked by the encoder (`clrjax/models`), plus the width
+bound on its numbers; what depends on the data (split names of TFDS and folder datasets, files
+present, channels) is checked when `build_experiment` opens the training and evaluation splits,
+before anything is compiled. Program flags (`--stop_after_steps`, `--step`, `--out`, `--ks`, ...)
+are checked at the start of each program.
+
+"""
+
+
+def ranges_table() -> str:
+    rows = ["| field | accepts |", "|---|---|"]
+    rows += [f"| `{field}` | {spec.summary()} |" for field, spec in config_lib.FIELD_SPECS.items()]
+    rows += [f"| `loss.{name}` | {spec.summary()} |" for name, spec in config_lib.LOSS_SPECS.items()]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="clrjax-bad-input-") as root:
         with contextlib.redirect_stdout(sys.stderr):  # progress lines of the runs stay off the table
             table = markdown_table(Runner(root))
-        print(HEADER + table)
+        print(HEADER + table + RANGES + ranges_table())
