@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
 from clrjax import methods, metrics as metrics_lib, optim, parallel
+from clrjax import workdir_lock
 from clrjax.data import augment, datasets, pipeline, sources
 
 
@@ -339,6 +340,11 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     checkpoint is written), which is how tests emulate an interrupted run.
     ``should_stop`` is polled after each step (e.g. a SIGTERM flag); when it
     returns True the loop saves and returns with ``stopped_early``.
+    Each process holds a lock on the workdir for the invocation (a second
+    trainer raises ``workdir_lock.WorkdirBusyError``), and the run resumes from
+    the newest checkpoint that verifies against its checksums (damaged newer
+    ones are moved aside with a warning; none intact raises
+    ``checkpoint.NoIntactCheckpointError``); see docs/FAULTS.md.
     """
     main = parallel.is_main_process()
     # build_experiment validates the config first: a bad config fails before the workdir is created.
@@ -346,6 +352,13 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
     # Fields that follow from the data (e.g. image_folder class names) are recorded in config.json.
     datasets.record_derived_fields(config)
     _check_workdir_writable(workdir)
+    # Taken before anything in the workdir is read or written; held until this invocation ends.
+    with workdir_lock.WorkdirLock(workdir):
+        return _train_locked(exp, config, workdir, main, allow_config_change, stop_after_steps, should_stop)
+
+
+def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_steps, should_stop) -> RunResult:
+    """:func:`train` once this process holds the workdir: resume, run, save."""
     check_resume_config(workdir, config, allow_config_change)
 
     state = init_train_state(exp)
@@ -355,16 +368,21 @@ def train(config, workdir: str, *, mesh=None, allow_config_change: bool = False,
                                          async_save=config.checkpoint.async_save)
     for leftover in checkpointer.leftovers:
         logging.warning("Ignoring incomplete checkpoint %s (an interrupted save).", leftover)
-    latest = checkpointer.latest_step()
-    elapsed_before = 0.0
-    if latest is not None:
-        try:
-            state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(state))
-        except ckpt_lib.CheckpointMismatchError as err:
-            checkpointer.close()
-            raise config_lib.ConfigError(
-                f"{err}; it was written with a different method/model/projector/optimizer "
-                "(see config.json): use a new --workdir.") from None
+    latest, elapsed_before = None, 0.0
+    try:
+        # Verified against the checksums saved with it; damaged newer steps are moved aside
+        # with a warning, none intact raises NoIntactCheckpointError (clrjax/checkpoint.py).
+        restored = checkpointer.restore_newest_intact(ckpt_lib.abstract_like(state))
+    except ckpt_lib.CheckpointMismatchError as err:
+        checkpointer.close()
+        raise config_lib.ConfigError(
+            f"{err}; it was written with a different method/model/projector/optimizer "
+            "(see config.json): use a new --workdir.") from None
+    except BaseException:
+        checkpointer.close()
+        raise
+    if restored is not None:
+        latest, state, meta = restored
         elapsed_before = float(meta.get("elapsed_s", 0.0))
         _announce(main, f"Resumed from step {latest} in {checkpointer.directory}")
     if main:

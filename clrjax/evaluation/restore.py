@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from clrjax import config as config_lib, export as export_lib, metrics as metrics_lib, models
-from clrjax.checkpoint import Checkpointer, leaf_shapes
+from clrjax.checkpoint import CheckpointDamagedError, Checkpointer, leaf_shapes
 from clrjax.data import augment, sources
 
 CONFIG_FILE = "config.json"
@@ -272,7 +272,11 @@ def from_workdir(workdir: str, config=None, step: Optional[int] = None,
         except ValueError as err:
             raise EvalInputError(f"config.model is invalid: {err}") from None
         keys = ENCODER_STATE_KEYS if network == "online" else ("method_state",)
-        state = checkpointer.restore_subtree(step, keys=keys)
+        try:
+            state = checkpointer.restore_subtree(step, keys=keys)  # verified against its checksums
+        except CheckpointDamagedError as err:
+            others = ", ".join(str(s) for s in checkpointer.all_steps() if s != step) or "none"
+            raise EvalInputError(f"{err} (the run's other steps: {others}; pass one with --step)") from None
     finally:
         checkpointer.close()
     variables = encoder_of_state(state) if network == "online" else target_encoder_of_state(state, config.method)
