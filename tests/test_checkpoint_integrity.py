@@ -306,6 +306,7 @@ def test_an_unwritable_checkpoints_directory_exits_5_promptly_with_a_short_messa
             said = time.monotonic()
     proc.wait(timeout=600)
     exited = time.monotonic()
+    proc.stderr.close()
     assert proc.returncode == 5, "\n".join(lines[-40:])
     assert said is not None and exited - said < 10, f"exited {exited - said:.0f}s after the message"
     assert len(lines) <= 6, "\n".join(lines)
