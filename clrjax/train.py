@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
+from clrjax import gradient_cache
 from clrjax import methods, metrics as metrics_lib, optim, parallel
 from clrjax import workdir_lock
 from clrjax.data import augment, datasets, pipeline, sources
@@ -177,14 +178,16 @@ def _probe_metrics(logits, labels):
     return loss, acc
 
 
-def make_train_step(exp: Experiment, *, jit: bool = True):
-    """Returns ``step(state, batch) -> (state, metrics)`` jitted over the mesh.
+def make_grad_fn(exp: Experiment):
+    """Returns ``grads_of(state, batch) -> (grads, batch_stats, aux)``: one step's gradients.
 
-    ``batch`` holds 'image' uint8 [B,H,W,C], 'label' int32 [B] and 'index'
-    int32 [B] (global example counter), sharded over the batch axis.
+    ``aux`` is ``(method_state, loss_metrics, ssl_loss, probe_loss, probe_acc)``.
+    With ``config.micro_batch_size`` the gradient is computed by gradient
+    caching (``clrjax/gradient_cache.py``), in ``batch_size / micro_batch_size``
+    micro-batches; the loss is the same global-batch loss either way.
     """
     config = exp.config
-    method, model, tx = exp.method, exp.model, exp.tx
+    method, model = exp.method, exp.model
     loss_kwargs = config_lib.loss_kwargs(config)
     aug_cfg = config.augment.to_dict()
 
@@ -195,21 +198,77 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
     sharded_loss = jax.shard_map(per_shard_loss, mesh=exp.mesh, in_specs=(rows, rows, P()),
                                  out_specs=(P(), P(), P()))
 
-    def loss_fn(params, state, views, batch):
+    def forward(params, state, images, index, key):
+        """The method's networks on the augmented views of these examples -> (outputs, batch_stats)."""
+        views = augment.views(images, index, key, aug_cfg, method.num_views)
         variables = {"params": params, "batch_stats": state.batch_stats}
-        outputs, batch_stats = method.forward(model, variables, views, state.method_state, train=True)
+        return method.forward(model, variables, views, state.method_state, train=True)
+
+    def head(outputs, state, batch):
+        """Loss of the whole batch from the networks' outputs: the method's loss + the online probe's."""
         loss_inputs = {k: outputs[k] for k in method.loss_inputs}
         loss_batch = {"label": batch["label"], "index": batch["index"]}
         ssl_loss, method_state, loss_metrics = sharded_loss(loss_inputs, loss_batch, state.method_state)
         probe_loss, probe_acc = _probe_metrics(outputs["probe_logits"], batch["label"])
-        aux = (batch_stats, method_state, loss_metrics, ssl_loss, probe_loss, probe_acc)
-        return ssl_loss + probe_loss, aux
+        return ssl_loss + probe_loss, (method_state, loss_metrics, ssl_loss, probe_loss, probe_acc)
+
+    def full_batch_grads(state, batch, key):
+        def objective(params):
+            outputs, batch_stats = forward(params, state, batch["image"], batch["index"], key)
+            total, aux = head(outputs, state, batch)
+            return total, (batch_stats, aux)
+
+        (_, (batch_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        return grads, batch_stats, aux
+
+    def cached_grads(state, batch, key):
+        # Augmentation runs inside each micro-step: per-example keys make passes 1 and 3 see the same views.
+        def micro_forward(params, micro):
+            return forward(params, state, micro["image"], micro["index"], key)
+
+        examples = {"image": batch["image"], "index": batch["index"]}
+        (_, aux), grads, stats = gradient_cache.value_and_grad(
+            micro_forward, lambda outputs: head(outputs, state, batch), state.params, examples,
+            num_micro, mesh=exp.mesh)
+        # Every micro-batch updated the same running averages: their mean is one update with the
+        # mean of the micro-batch statistics (see clrjax/gradient_cache.py on BatchNorm).
+        return grads, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats), aux
+
+    num_micro = config.batch_size // config.micro_batch_size if config.micro_batch_size else 1
+    compute_grads = cached_grads if config.micro_batch_size else full_batch_grads
+
+    def grads_of(state: TrainState, batch):
+        return compute_grads(state, batch, jax.random.fold_in(state.rng, state.step))
+
+    return grads_of
+
+
+# Step metric holding one flag per :func:`checked_leaves` leaf (not a scalar: never logged).
+LEAVES_FINITE = "leaves_finite"
+
+
+def checked_leaves(state: TrainState) -> list:
+    """(dotted name, array) of every floating-point leaf of the state that a bad update could
+    make non-finite: parameters, BatchNorm statistics, optimizer and method state."""
+    tree = {"params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "method_state": state.method_state}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(jax.tree_util.keystr(path, simple=True, separator="."), x)
+            for path, x in flat if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def make_train_step(exp: Experiment, *, jit: bool = True):
+    """Returns ``step(state, batch) -> (state, metrics)`` jitted over the mesh.
+
+    ``batch`` holds 'image' uint8 [B,H,W,C], 'label' int32 [B] and 'index'
+    int32 [B] (global example counter), sharded over the batch axis.
+    """
+    method, tx = exp.method, exp.tx
+    grads_of = make_grad_fn(exp)
 
     def step_fn(state: TrainState, batch):
-        key = jax.random.fold_in(state.rng, state.step)
-        views = augment.views(batch["image"], batch["index"], key, aug_cfg, method.num_views)
-        grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, state, views, batch)
-        batch_stats, method_state, loss_metrics, ssl_loss, probe_loss, probe_acc = aux
+        grads, batch_stats, aux = grads_of(state, batch)
+        method_state, loss_metrics, ssl_loss, probe_loss, probe_acc = aux
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(ssl_loss) & jnp.isfinite(probe_loss) & jnp.isfinite(grad_norm)
@@ -221,10 +280,15 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
                                 method_state=method_state, skips=jnp.zeros_like(state.skips))
         dropped = state.replace(step=state.step + 1, skips=state.skips + 1,
                                 total_skips=state.total_skips + 1)
+        # A finite loss can still produce an Inf BatchNorm variance or optimizer moment: every
+        # leaf of the new state must be finite before it replaces the old one (or is saved).
+        leaves_finite = jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in checked_leaves(updated)])
+        finite = finite & jnp.all(leaves_finite)
         new_state = jax.tree.map(lambda u, d: jnp.where(finite, u, d), updated, dropped)
         step_metrics = dict(loss_metrics, loss=ssl_loss, probe_loss=probe_loss, probe_acc=probe_acc,
                             grad_norm=grad_norm, finite=finite, lr=exp.schedule(state.step),
-                            skipped_updates=new_state.total_skips, consecutive_skips=new_state.skips)
+                            skipped_updates=new_state.total_skips, consecutive_skips=new_state.skips,
+                            **{LEAVES_FINITE: leaves_finite})
         return new_state, step_metrics
 
     if not jit:
@@ -276,6 +340,19 @@ def _normalise(value):
     return json.loads(json.dumps(value))
 
 
+def _resume_defaults(config) -> dict:
+    """Defaults of every field, the open 'model' and 'loss' sections included (the chosen encoder's and
+    loss's keywords), so that a field added to them since a run was saved is no difference."""
+    from clrjax import models
+
+    defaults = config_lib.base_config().to_dict()
+    with contextlib.suppress(ValueError, KeyError):
+        defaults["model"] = models.resolve_model_config({"name": config.model.name})
+    with contextlib.suppress(ValueError, KeyError):
+        defaults["loss"] = methods.get(config.method).loss_kwarg_defaults()
+    return defaults
+
+
 def check_resume_config(workdir: str, config, allow_change: bool) -> None:
     """Refuses to resume a run whose saved config differs, unless allowed."""
     path = os.path.join(workdir, "config.json")
@@ -283,7 +360,7 @@ def check_resume_config(workdir: str, config, allow_change: bool) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    diffs = config_differences(saved, config.to_dict())
+    diffs = config_differences(saved, config.to_dict(), defaults=_resume_defaults(config))
     if saved.get("method") != config.method:
         raise config_lib.ConfigError(
             f"the workdir {workdir} holds a {saved.get('method')} run and this config trains "
@@ -328,7 +405,7 @@ def _check_workdir_writable(workdir: str) -> None:
 
 
 def _host_scalars(step_metrics) -> dict:
-    host = jax.device_get(step_metrics)
+    host = jax.device_get({k: v for k, v in step_metrics.items() if k != LEAVES_FINITE})
     return {k: (bool(v) if k == "finite" else float(v)) for k, v in host.items()}
 
 
@@ -362,6 +439,7 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
     check_resume_config(workdir, config, allow_config_change)
 
     state = init_train_state(exp)
+    warn_ghost_batchnorm(config, state.batch_stats)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          every_steps=config.checkpoint.every_steps,
                                          keep=config.checkpoint.keep,
@@ -410,6 +488,17 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
     return result
 
 
+def warn_ghost_batchnorm(config, batch_stats) -> None:
+    """Gradient caching with BatchNorm trains a different objective: say so (clrjax/gradient_cache.py)."""
+    if config.micro_batch_size and gradient_cache.has_batch_statistics(batch_stats):
+        logging.warning(
+            "config.micro_batch_size=%d with BatchNorm layers: each micro-batch of %d examples is normalised "
+            "with its own statistics (ghost BatchNorm), so the gradient is exact for that objective, not for "
+            "global-batch BatchNorm. For the exact large-batch gradient use networks without BatchNorm: a ViT "
+            "or --config.model.norm=group (ResNets), with --config.projector.use_bn=False "
+            "(and --config.predictor.use_bn=False).", config.micro_batch_size, config.micro_batch_size)
+
+
 def _announce(main: bool, message: str) -> None:
     """A line the user should see on the console (process 0) and in the log."""
     logging.info(message)
@@ -439,7 +528,12 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
     progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
     evaluation = _periodic_evaluation(exp) if main else None
-    policy, max_skips = config.nonfinite.policy, config.nonfinite.max_consecutive_skips
+    leaf_names = [name for name, _ in checked_leaves(state)]
+
+    def check_finite(pending):
+        _check_finite(pending, config.nonfinite.policy, config.nonfinite.max_consecutive_skips,
+                      checkpointer, leaf_names)
+
     pending = None          # the previous step's metrics, read one step late so the host never stalls the device
     last_logged, stopped_early = {}, False
     t_last, steps_since_log = time.perf_counter(), 0
@@ -449,7 +543,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
             state, step_metrics = step_fn(state, batch)
             # Only metrics are kept: the state's buffers are donated to the next step.
             previous, pending = pending, (step + 1, step_metrics)
-            _check_finite(previous, policy, max_skips, checkpointer)
+            check_finite(previous)
             steps_since_log += 1
             done = step + 1
             if done % config.log_every_steps == 0 or done == end:
@@ -474,12 +568,12 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
             if _agreed_stop(should_stop, done, config.log_every_steps) or checkpointer.reached_preemption(done):
                 stopped_early = True
             if checkpointer.should_save(done) or done == end or stopped_early:
-                _check_finite(pending, policy, max_skips, checkpointer)
+                check_finite(pending)
                 pending = None  # checked: never save a state whose step is unverified
                 checkpointer.save(done, state, _meta(loader, done, elapsed()), force=True)
             if stopped_early:
                 break
-        _check_finite(pending, policy, max_skips, checkpointer)
+        check_finite(pending)
         checkpointer.wait()
     finally:
         loader.close()
@@ -527,7 +621,7 @@ def _meta(loader, step: int, elapsed_s: float) -> dict:
     return {"step": step, "data": loader.state(), "elapsed_s": elapsed_s}
 
 
-def _check_finite(pending, policy: str, max_skips: int, checkpointer) -> None:
+def _check_finite(pending, policy: str, max_skips: int, checkpointer, leaf_names) -> None:
     """Raises NonFiniteError per the policy when the pending step's update was dropped."""
     if pending is None:
         return
@@ -535,14 +629,18 @@ def _check_finite(pending, policy: str, max_skips: int, checkpointer) -> None:
     finite = bool(jax.device_get(step_metrics["finite"]))
     if finite:
         return
-    bad = {k: float(v) for k, v in jax.device_get(step_metrics).items()
-           if k in ("loss", "probe_loss", "grad_norm") and not np.isfinite(v)}
+    host = jax.device_get(step_metrics)
+    bad = [f"{k}={float(host[k])}" for k in ("loss", "probe_loss", "grad_norm") if not np.isfinite(host[k])]
+    bad_leaves = [name for name, ok in zip(leaf_names, host[LEAVES_FINITE]) if not ok]
+    if bad_leaves:
+        more = f" and {len(bad_leaves) - 3} more" if len(bad_leaves) > 3 else ""
+        bad.append(f"non-finite state {', '.join(bad_leaves[:3])}{more}")
     last_good = checkpointer.latest_step()
-    skips = int(jax.device_get(step_metrics["consecutive_skips"]))
+    skips = int(host["consecutive_skips"])
     if policy == "stop" or skips >= max_skips:
         checkpointer.wait()
         raise NonFiniteError(
-            f"non-finite values at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            f"non-finite values at step {step} ({'; '.join(bad)}); "
             f"the update was not applied and the last good checkpoint is step {last_good}. "
             "Lower the learning rate, or set --config.nonfinite.policy=skip to drop such updates.")
-    logging.warning("Step %d: non-finite %s; update skipped (%d in a row).", step, bad, skips)
+    logging.warning("Step %d: non-finite values (%s); update skipped (%d in a row).", step, "; ".join(bad), skips)

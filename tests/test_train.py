@@ -77,6 +77,32 @@ def test_nonfinite_update_is_dropped_and_stops(tmp_path):
         train.train(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_state_is_never_applied_or_saved(tmp_path, policy):
+    """lr=1e6 with SGD: the loss and gradient stay finite but BatchNorm variances overflow.
+
+    The step must drop that update like a NaN loss, the error must name the
+    leaf, and every checkpoint must hold finite values only.
+    """
+    from clrjax import checkpoint as ckpt_lib
+
+    config = tiny_config("simclr", num_steps=12, **{
+        "optimizer.lr": 1e6, "checkpoint.every_steps": 1, "nonfinite.policy": policy,
+        "nonfinite.max_consecutive_skips": 2})
+    with pytest.raises(train.NonFiniteError, match=r"non-finite state batch_stats\.encoder\.") as err:
+        train.train(config, str(tmp_path))
+    assert "\n" not in str(err.value)
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=3, async_save=False)
+    try:
+        steps = checkpointer.all_steps()
+        assert steps and f"last good checkpoint is step {max(steps)}" in str(err.value)
+        for step in steps:
+            for leaf in jax.tree.leaves(checkpointer.restore_subtree(step)):
+                assert np.all(np.isfinite(leaf)), f"step {step} holds non-finite values"
+    finally:
+        checkpointer.close()
+
+
 def test_nonfinite_skip_policy_keeps_state_finite():
     config = tiny_config("simclr", **{"nonfinite.policy": "skip"})
     mesh = parallel.make_mesh(jax.devices()[:2])
