@@ -50,13 +50,17 @@ def _to_jsonable(obj: Any) -> Any:
 
 def write_json_file(path: str, obj: Any) -> None:
     """Writes `obj` as JSON to `path` so readers see the old file or the new, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    text = json.dumps(_to_jsonable(obj), indent=2, sort_keys=True) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomically(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Replaces `path` by `text` through a temporary file (old or new content, never half)."""
     # The temporary file must be on the same filesystem for os.replace to be atomic.
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -218,18 +222,7 @@ def truncate_after(workdir: str, step: int | None) -> int:
         else:
             kept.append(line)
     if dropped or torn:
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".jsonl")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from clrjax import config as config_lib
 from clrjax import methods
+from tests.test_bad_input import with_value as _with  # any type: a plain dict round trip skips type checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 17
@@ -48,17 +49,6 @@ def _leaves(tree: dict, prefix: str = ""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def _with(config, field: str, value):
-    """``config`` with ``field`` set to ``value`` of any type (a plain dict round trip skips type checks)."""
-    tree = config.to_dict()
-    *parents, leaf = field.split(".")
-    node = tree
-    for name in parents:
-        node = node[name]
-    node[leaf] = value
-    return ml_collections.ConfigDict(tree)
 
 
 # --------------------------------------------------------------------------- the draws

@@ -130,11 +130,11 @@ class _Prefetcher:
     :meth:`get`. :meth:`close` stops the thread and waits for it.
     """
 
-    def __init__(self, produce, start: int, depth: int):
+    def __init__(self, produce, start: int, depth: int, name: str = "clrjax-prefetch"):
         self._produce = produce
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(start,), name="clrjax-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(start,), name=name, daemon=True)
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -166,7 +166,7 @@ class _Prefetcher:
                 break
             except queue.Empty:
                 if not self._thread.is_alive():
-                    raise RuntimeError("the prefetch thread died without reporting an error")
+                    raise RuntimeError(f"the {self._thread.name} thread died without reporting an error")
         if error is not None:
             raise error
         assert step == expected_step, (step, expected_step)
@@ -294,7 +294,7 @@ class _StepJob:
         self.step, self.rows, self.futures, self.parts, self.offsets = step, rows, futures, parts, offsets
 
 
-class _StreamReader:
+class _StreamReader(_Prefetcher):
     """Reads, shuffles and submits for decoding a streaming source's steps; assembles the batches.
 
     A reader thread walks the steps from ``start``: it reads the shuffle blocks the step needs
@@ -307,55 +307,15 @@ class _StreamReader:
 
     def __init__(self, loader, start: int, depth: int):
         self._loader = loader
-        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
         self._blocks = _BlockCache(loader, read_ahead=True)
-        self._thread = threading.Thread(target=self._run, args=(start,), name="clrjax-stream", daemon=True)
-        self._thread.start()
-
-    def _run(self, step: int) -> None:
-        while not self._stop.is_set():
-            try:
-                item = (step, self._loader._submit_step(step, self._blocks), None)
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                self._put((step, None, e))
-                return
-            if not self._put(item):
-                return
-            step += 1
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        super().__init__(lambda step: loader._submit_step(step, self._blocks), start, max(1, depth),
+                         name="clrjax-stream")
 
     def next_batch(self, expected_step: int) -> Batch:
-        while True:
-            if self._stop.is_set():
-                raise RuntimeError("the loader is closed")
-            try:
-                step, job, error = self._queue.get(timeout=0.5)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("the stream reader thread died without reporting an error")
-        if error is not None:
-            raise error
-        assert step == expected_step, (step, expected_step)
-        return self._loader._finish_step(job)
+        return self._loader._finish_step(self.get(expected_step))
 
     def close(self) -> None:
-        self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=30)
+        super().close()
         self._blocks.close()
 
 
