@@ -83,9 +83,10 @@ def assert_trees_close(actual, expected, what, rtol=RTOL):
         assert err <= tol, f"{what} {jax.tree_util.keystr(path)}: max error {err:.3g} > {tol:.3g}"
 
 
-def check_equal_to_full_batch(name, encoder, micro, num_devices):
-    (grads, stats, aux), _ = grads_and_aux(exact_config(name, encoder, micro), num_devices)
-    (want_grads, want_stats, want_aux), _ = grads_and_aux(exact_config(name, encoder, 0), num_devices)
+def check_equal_to_full_batch(name, encoder, micro, num_devices, batch=BATCH):
+    (grads, stats, aux), _ = grads_and_aux(exact_config(name, encoder, micro, batch_size=batch), num_devices)
+    (want_grads, want_stats, want_aux), _ = grads_and_aux(exact_config(name, encoder, 0, batch_size=batch),
+                                                          num_devices)
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want_grads)) > 0
     assert_trees_close(grads, want_grads, f"{name} gradient")
     assert_trees_close(stats, want_stats, f"{name} batch_stats")
@@ -93,22 +94,19 @@ def check_equal_to_full_batch(name, encoder, micro, num_devices):
     assert_trees_close(aux, want_aux, f"{name} loss, metrics and method state")
 
 
-# One method of each shape of the interface: two views and a stateless loss (SimCLR), labels
-# (SupCon), a carried method state (MoCo v2's queue), a momentum target and a predictor (BYOL).
-# The trainer's caching code does not branch on the method; the slow matrix runs them all.
-REPRESENTATIVE = ("simclr", "supcon", "moco_v2", "byol")
-
-
-@pytest.mark.parametrize("name", REPRESENTATIVE)
+# The trainer's caching code does not branch on the method: the default suite checks a two-view
+# stateless method (SimCLR) and one with a momentum target, a predictor and method state (BYOL),
+# K = 4 and 8 with a ViT; the slow matrix runs every method, both encoders (ViT, GroupNorm
+# ResNet), K = 2, 4, 8 on 1 and 8 devices. That GroupNorm has no cross-example statistics (what
+# makes caching exact for it) is tested in tests/models/test_resnet.py.
+@pytest.mark.parametrize("name", ("simclr", "byol"))
 def test_cached_gradient_equals_full_batch(name):
     """ViT, 4 micro-batches of 8 on 8 devices (one example per device and micro-step)."""
     check_equal_to_full_batch(name, "vit", BATCH // 4, 8)
 
 
-@pytest.mark.parametrize("encoder,micro,num_devices", [("vit", 16, 1), ("vit", 4, 1), ("gn_resnet", 8, 1)])
-def test_micro_batch_counts_and_encoders(encoder, micro, num_devices):
-    """K = 2 and 8 (ViT), K = 4 (GroupNorm ResNet), on 1 device."""
-    check_equal_to_full_batch("simclr", encoder, micro, num_devices)
+def test_eight_micro_batches_on_one_device():
+    check_equal_to_full_batch("simclr", "vit", BATCH // 8, 1)
 
 
 @pytest.mark.slow
@@ -117,8 +115,11 @@ def test_micro_batch_counts_and_encoders(encoder, micro, num_devices):
 @pytest.mark.parametrize("encoder", list(ENCODER_FIELDS))
 @pytest.mark.parametrize("name", methods.names())
 def test_full_matrix(name, encoder, k, num_devices):
-    """Every method x encoder x K in (2, 4, 8) x 1 and 8 devices (the two tests above sample it)."""
-    check_equal_to_full_batch(name, encoder, BATCH // k, num_devices)
+    """Every method x encoder x K in (2, 4, 8) x 1 and 8 devices (the tests above sample it).
+
+    The batch grows to 64 where K micro-batches of 32 could not be spread over 8 devices."""
+    batch = max(BATCH, k * num_devices)
+    check_equal_to_full_batch(name, encoder, batch // k, num_devices, batch)
 
 
 def test_split_and_merge_are_inverse_and_device_invariant():
@@ -186,10 +187,6 @@ def test_batchnorm_caching_is_the_exact_gradient_of_ghost_batchnorm(caplog):
     # (measured 1.5e-5 relative); a wrong objective is off by far more (the last check: > 1e-4 absolute).
     assert_trees_close(grads, want_grads, "ghost-BatchNorm gradient", rtol=BN_RTOL)
     assert_trees_close(stats, want_stats, "ghost-BatchNorm running statistics", rtol=BN_RTOL)
-    # ... which is not the global-BatchNorm gradient: the warning is not a formality.
-    (full_grads, _, _), _ = grads_and_aux(tiny_config("simclr", batch_size=BATCH), 8)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)))
-    assert diff > 1e-4
     with caplog.at_level(logging.WARNING):
         train.warn_ghost_batchnorm(config, state.batch_stats)
         train.warn_ghost_batchnorm(exact_config("simclr", "vit", BATCH // 4), {})
