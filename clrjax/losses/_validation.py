@@ -74,3 +74,26 @@ def check_labels(labels, n_local: int) -> None:
                          f"got {shape}; pass batch['label'].")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}; pass integer class ids.")
+
+
+def check_image_text_pair(img, txt) -> None:
+    """Raises ValueError unless img and txt are matching ``[n_local, d]`` tower outputs."""
+    if getattr(img, "ndim", None) != 2 or getattr(txt, "ndim", None) != 2:
+        raise ValueError(
+            f"img and txt must be 2-D [n_local, d] tower outputs, got shapes "
+            f"{getattr(img, 'shape', None)} and {getattr(txt, 'shape', None)}; project both towers "
+            "to [batch, joint_dim] first."
+        )
+    if img.shape != txt.shape:
+        raise ValueError(
+            f"img and txt must have the same shape (row i of both is one image-caption pair), got "
+            f"{img.shape} and {txt.shape}; give both towers the same joint dimension and batch."
+        )
+
+
+def check_scalar(name: str, value) -> None:
+    """Raises ValueError unless ``value`` (a learnable scale or bias) is a 0-d scalar."""
+    shape = getattr(value, "shape", ())
+    if tuple(shape) != ():
+        raise ValueError(f"{name} must be a scalar (shape ()), got shape {tuple(shape)}; "
+                         f"pass the parameter itself, e.g. params['{name}'].")
