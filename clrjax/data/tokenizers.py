@@ -1,0 +1,171 @@
+"""Tokenizers for captions: text -> int32 [n, L] token ids, on the host, in the data pipeline.
+
+Two, with one API (``vocab_size``, ``pad_id``, ``sot_id``, ``eot_id``,
+``context_length``, ``encode``, ``decode``, ``encode_batch``):
+
+* :class:`ByteTokenizer` (``text.tokenizer = 'bytes'``, the default): the
+  UTF-8 bytes of the text, byte b as id b + 1, plus three special ids:
+  pad 0, start-of-text 257, end-of-text 258 (vocab_size 259). No vocabulary
+  file, so it works offline and on any script; a caption costs one token
+  per byte (about 1.1 per character for English, 2-3 for most other
+  scripts), so give it a longer context than a subword vocabulary needs.
+  Its end-of-text id is its highest id, as CLIP's (whose text tower pools
+  at ``argmax`` of the ids).
+* :class:`SentencePieceTokenizer` (``text.tokenizer = 'sentencepiece'``,
+  ``text.vocab_file`` = a local ``.model`` file): Google's ``sentencepiece``
+  package (``pip install -e '.[text]'``), the tokenizer library of T5 and of
+  SigLIP's text towers (big_vision), maintained, with wheels for every
+  platform and no network access: a trained model file is all it reads.
+  The model's own pad / bos / eos pieces are used when it defines them;
+  missing ones get new ids after its pieces (so ``vocab_size`` may exceed
+  the model's piece count by up to 3).
+
+``encode_batch(texts, L)`` writes ``sot, tokens, eot`` and pads with
+``pad_id`` to L; a text longer than ``L - 2`` tokens is cut so that eot is
+always the last non-pad token (:meth:`encode_batch_counted` also says which
+rows were cut, for the metrics). The text tower pools at the first eot and
+masks pads (``clrjax/models/text.py``).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+TOKENIZERS = ("bytes", "sentencepiece")
+MIN_CONTEXT = 3  # sot + at least one token + eot
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be built (missing package or vocabulary file); the message says the fix."""
+
+
+class _Tokenizer:
+    """The shared ``encode_batch`` over a subclass's ``encode`` (text -> ids without specials)."""
+
+    vocab_size: int
+    pad_id: int
+    sot_id: int
+    eot_id: int
+    context_length: int
+
+    def encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch_counted(self, texts: Sequence[str], context_length: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(int32 [n, L] ids, bool [n] whether the row's text was cut to fit L)."""
+        length = int(context_length)
+        if length < MIN_CONTEXT:
+            raise ValueError(f"context_length must be at least {MIN_CONTEXT} (sot, a token, eot), got {length}")
+        out = np.full((len(texts), length), self.pad_id, np.int32)
+        cut = np.zeros((len(texts),), bool)
+        room = length - 2
+        for row, text in enumerate(texts):
+            ids = self.encode(text)
+            cut[row] = len(ids) > room
+            ids = ids[:room]
+            out[row, 0] = self.sot_id
+            out[row, 1:1 + len(ids)] = ids
+            out[row, 1 + len(ids)] = self.eot_id
+        return out, cut
+
+    def encode_batch(self, texts: Sequence[str], context_length: int) -> np.ndarray:
+        """int32 [n, L]: sot + ids + eot (cut to fit), padded with ``pad_id``."""
+        return self.encode_batch_counted(texts, context_length)[0]
+
+    def settings(self) -> dict:
+        """What an export records to rebuild this tokenizer (:func:`get_tokenizer` takes it back)."""
+        raise NotImplementedError
+
+
+class ByteTokenizer(_Tokenizer):
+    """UTF-8 bytes: byte b -> id b + 1; pad 0, sot 257, eot 258; vocab_size 259 (module docstring)."""
+
+    vocab_size, pad_id, sot_id, eot_id = 259, 0, 257, 258
+
+    def __init__(self, context_length: int = 77):
+        self.context_length = int(context_length)
+
+    def encode(self, text: str) -> List[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; special ids are dropped, and a cut multi-byte character is replaced (U+FFFD)."""
+        data = bytes(int(i) - 1 for i in ids if 1 <= int(i) <= 256)
+        return data.decode("utf-8", errors="replace")
+
+    def settings(self) -> dict:
+        return {"tokenizer": "bytes", "vocab_file": "", "context_length": self.context_length}
+
+
+class SentencePieceTokenizer(_Tokenizer):
+    """A trained SentencePiece model file (module docstring); ``pip install sentencepiece``."""
+
+    def __init__(self, model_path: str, context_length: int = 64):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise TokenizerError("text.tokenizer is 'sentencepiece' but the sentencepiece package is not "
+                                 "installed; pip install -e '.[text]' (or sentencepiece), or set "
+                                 "--config.text.tokenizer=bytes.") from None
+        path = os.path.expanduser(str(model_path))
+        if not os.path.isfile(path):
+            raise TokenizerError(f"config.text.vocab_file is {model_path!r}, which does not exist; set "
+                                 f"--config.text.vocab_file to a SentencePiece .model file.")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as err:
+            raise TokenizerError(f"config.text.vocab_file {model_path!r} is not a SentencePiece model "
+                                 f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
+                                 f"point it at the .model file spm_train wrote.") from None
+        self.model_path = path
+        self.context_length = int(context_length)
+        size = self._sp.get_piece_size()
+        extra = iter(range(size, size + 3))
+        # Ids the model lacks (sentencepiece marks them -1) get fresh ids after its pieces.
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else next(extra)
+        self.sot_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else next(extra)
+        self.eot_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else next(extra)
+        self.vocab_size = max(size, self.pad_id + 1, self.sot_id + 1, self.eot_id + 1)
+
+    def encode(self, text: str) -> List[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        size = self._sp.get_piece_size()
+        special = {self.pad_id, self.sot_id, self.eot_id}
+        return self._sp.decode([int(i) for i in ids if int(i) not in special and 0 <= int(i) < size])
+
+    def settings(self) -> dict:
+        return {"tokenizer": "sentencepiece", "vocab_file": self.model_path, "context_length": self.context_length}
+
+
+def _field(cfg, key: str, default):
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def get_tokenizer(cfg: Mapping) -> _Tokenizer:
+    """The tokenizer of ``config.text`` (or of a whole config, whose ``text`` section is read).
+
+    Fields: ``tokenizer`` ('bytes' | 'sentencepiece'), ``vocab_file`` (sentencepiece: the
+    ``.model`` file), ``context_length`` (L of ``encode_batch`` and the text tower).
+    """
+    if hasattr(cfg, "get") and cfg.get("text", None) is not None:
+        cfg = cfg["text"]
+    kind = str(_field(cfg, "tokenizer", "bytes"))
+    length = int(_field(cfg, "context_length", 77))
+    if kind == "bytes":
+        return ByteTokenizer(length)
+    if kind == "sentencepiece":
+        vocab = str(_field(cfg, "vocab_file", ""))
+        if not vocab:
+            raise TokenizerError("config.text.tokenizer is 'sentencepiece' but config.text.vocab_file is empty; "
+                                 "set --config.text.vocab_file to a SentencePiece .model file.")
+        return SentencePieceTokenizer(vocab, length)
+    raise TokenizerError(f"config.text.tokenizer is {kind!r}, which is not supported; use one of "
+                         f"{', '.join(TOKENIZERS)}.")
