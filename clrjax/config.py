@@ -58,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.decode_processes = 0   # image_folder/csv/tsv/webdataset: decode worker processes per process; 0 = threads
     c.dataset.shuffle_buffer = 4096  # webdataset: examples of a process's stream shuffled together (one block)
     c.dataset.host_crop = "center"   # image_folder/csv/tsv/webdataset training split: host square crop center | random
+    c.dataset.caption_column = ""    # image-text data: csv/tsv caption column, webdataset 'txt'; "" = no captions
+
+    c.text = ml_collections.ConfigDict()  # captions -> token ids, on the host (clrjax/data/tokenizers.py)
+    c.text.tokenizer = "bytes"       # bytes (UTF-8 + pad/sot/eot, no file) | sentencepiece (text.vocab_file)
+    c.text.vocab_file = ""           # sentencepiece: the trained .model file
+    c.text.context_length = 77       # tokens per caption incl. sot and eot (CLIP 77, SigLIP 64)
 
     c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
     c.augment.crop_size = 32         # output side of the random resized crop (pixels; 224 for ImageNet)
@@ -479,6 +485,11 @@ FIELD_SPECS = {
     "dataset.shuffle_buffer": Int(lo=1, cap=2**20, why="the buffer holds that many encoded images in memory",
                                   fix="a positive integer such as 4096"),
     "dataset.host_crop": Str(choices=("center", "random")),
+    "dataset.caption_column": Str(fix="the caption column of the csv/tsv list, or txt for webdataset (\"\" = none)"),
+    "text.tokenizer": Str(choices=("bytes", "sentencepiece")),
+    "text.vocab_file": Str(fix="a SentencePiece .model file (\"\" for the bytes tokenizer)"),
+    "text.context_length": Int(lo=3, cap=MAX_WIDTH, why="the width bound",
+                               fix="a whole number >= 3 (sot, a token, eot) such as 77"),
     "augment.crop_size": Int(lo=1, cap=MAX_SIDE, why="the image-side bound", fix="a positive integer such as 32"),
     "augment.crop_scale": Pair(lo=0, hi=1, fix="'(0.08, 1.0)'"),
     "augment.crop_ratio": Pair(lo=0, fix="'(0.75, 1.3333)'"),
@@ -680,6 +691,7 @@ def validate_config(config, *, num_devices: Optional[int] = None,
     dataset = _registered("dataset.name", config.dataset.name, "clrjax.data.datasets", "DATASETS")
     _check_splits(config, dataset)
     _check_file_dataset(config)
+    _check_text(config)
     _check_loss_kwargs(config, method)
     _check_loss_layout(config, num_devices)
     _check_views(config, method)
@@ -774,6 +786,28 @@ def _check_file_dataset(config) -> None:
     if "{split}" not in path and not os.path.exists(path):
         _fail("dataset.path", f"is {d.path!r}, which does not exist", f"set --config.dataset.path to {d.name}'s "
               "folder or list file")
+
+
+CAPTION_DATASETS = ("csv", "tsv", "webdataset")  # datasets that read dataset.caption_column
+
+
+def _check_text(config) -> None:
+    """Captions only where a dataset reads them; a SentencePiece vocabulary that exists."""
+    column, name = config.dataset.caption_column, config.dataset.name
+    if column and name not in CAPTION_DATASETS:
+        _fail("dataset.caption_column", f"is {column!r} but {name} has no captions",
+              f"use a dataset with captions ({', '.join(CAPTION_DATASETS)}) or set --config.dataset.caption_column=''")
+    if column and name == "webdataset" and column != "txt":
+        _fail("dataset.caption_column", f"is {column!r} but webdataset captions are the .txt members",
+              "set --config.dataset.caption_column=txt")
+    if config.text.tokenizer == "sentencepiece":
+        vocab = config.text.vocab_file
+        if not vocab:
+            _fail("text.vocab_file", "is empty but text.tokenizer is 'sentencepiece'",
+                  "set --config.text.vocab_file to a SentencePiece .model file (or text.tokenizer=bytes)")
+        if not os.path.isfile(os.path.expanduser(vocab)):
+            _fail("text.vocab_file", f"is {vocab!r}, which does not exist",
+                  "set --config.text.vocab_file to a SentencePiece .model file")
 
 
 def _check_model(config) -> None:

@@ -78,6 +78,7 @@ import numpy as np
 from absl import logging
 
 from clrjax.data import decoding
+from clrjax.data.captions import parse_captions
 from clrjax.data.datasets import Dataset
 from clrjax.data.sources import DataError, stratified_split
 
@@ -162,6 +163,9 @@ class ImageFileSource:
       num_threads: decode threads per request.
       class_names: label -> name (empty when labels are plain integers or absent).
       captions: optional caption per example (CSV ``caption`` column).
+      caption_lists: optional, every caption of each example (``dataset.caption_column``): what
+        image-text training reads (:meth:`captions_of`); a batch then also holds ``'id'``, the
+        example each row was read from (another one where an image was replaced, on_error='skip').
       labelled: False for a flat folder / a list without labels.
       processes: decode worker processes (:class:`clrjax.data.decoding.ProcessDecodePool`,
         started on first use); 0 = decode in ``num_threads`` threads of this process.
@@ -172,7 +176,8 @@ class ImageFileSource:
     def __init__(self, paths: Sequence[str], labels: np.ndarray, num_classes: int, image_size: int,
                  channels: int, errors: ErrorLog, num_threads: int = DEFAULT_DECODE_WORKERS,
                  class_names: Sequence[str] = (), captions: Optional[Sequence[str]] = None,
-                 labelled: bool = True, processes: int = 0, host_crop: str = "center"):
+                 labelled: bool = True, processes: int = 0, host_crop: str = "center",
+                 caption_lists: Optional[Sequence[Sequence[str]]] = None):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.paths = list(paths)
@@ -180,6 +185,7 @@ class ImageFileSource:
         self.num_classes = int(num_classes)
         self.class_names = tuple(class_names)
         self.captions = None if captions is None else list(captions)
+        self.caption_lists = None if caption_lists is None else [list(c) for c in caption_lists]
         self.labelled = bool(labelled)
         self.errors = errors
         self._size, self._channels = int(image_size), int(channels)
@@ -200,6 +206,14 @@ class ImageFileSource:
     @property
     def num_threads(self) -> int:
         return self._num_threads
+
+    @property
+    def has_captions(self) -> bool:
+        return self.caption_lists is not None
+
+    def captions_of(self, ids) -> List[List[str]]:
+        """Every caption of each example ``ids`` (``clrjax/data/captions.py``)."""
+        return [self.caption_lists[int(i)] for i in np.asarray(ids).reshape(-1)]
 
     @property
     def num_skipped(self) -> int:
@@ -260,15 +274,15 @@ class ImageFileSource:
             raise self._shape_error(i, image.shape)
         return image
 
-    def _load_one(self, i: int, offset: Optional[float] = None) -> Tuple[np.ndarray, int]:
-        """Example i, or (on_error='skip') the next example in dataset order that decodes."""
+    def _load_one(self, i: int, offset: Optional[float] = None) -> Tuple[np.ndarray, int, int]:
+        """(image, label, id) of example i, or (on_error='skip') of the next example in dataset order that decodes."""
         n = len(self.paths)
         for j in (i + k for k in range(n)):
             j %= n
             if j in self._bad:
                 continue
             try:
-                return self._decode(j, offset), int(self.labels[j])
+                return self._decode(j, offset), int(self.labels[j]), j
             except DataError:
                 raise
             except Exception as err:  # noqa: BLE001 - Pillow and the OS raise many types
@@ -281,7 +295,7 @@ class ImageFileSource:
     def load(self, index, offsets: Optional[Sequence[float]] = None) -> Dict[str, np.ndarray]:
         """``source[index]``, with the square cut at ``offsets`` (one in [0, 1] per row) instead of the centre."""
         if np.ndim(index) == 0:
-            image, label = self._load_one(int(index), None if offsets is None else float(np.ravel(offsets)[0]))
+            image, label, _ = self._load_one(int(index), None if offsets is None else float(np.ravel(offsets)[0]))
             return {"image": image, "label": np.int32(label)}
         index = np.asarray(index).reshape(-1)
         offsets = None if offsets is None else [float(o) for o in np.ravel(offsets)]
@@ -290,9 +304,16 @@ class ImageFileSource:
         rows = list(zip(index.tolist(), offsets if offsets is not None else [None] * len(index)))
         loaded = self._map(lambda row: self._load_one(*row), rows)
         images = np.empty((len(index),) + tuple(self.image_shape), np.uint8)
-        for row, (image, _) in enumerate(loaded):
+        for row, (image, _, _) in enumerate(loaded):
             images[row] = image
-        return {"image": images, "label": np.asarray([label for _, label in loaded], np.int32)}
+        out = {"image": images, "label": np.asarray([label for _, label, _ in loaded], np.int32)}
+        return self._with_ids(out, [j for _, _, j in loaded])
+
+    def _with_ids(self, batch: Dict[str, np.ndarray], ids) -> Dict[str, np.ndarray]:
+        """Captioned sources say which example each row holds, so its caption follows a replaced image."""
+        if self.caption_lists is not None:
+            batch["id"] = np.asarray(ids, np.int64)
+        return batch
 
     def _processes(self) -> decoding.ProcessDecodePool:
         if self._process_pool is None:
@@ -313,6 +334,7 @@ class ImageFileSource:
                                                self.image_shape, None if offsets is None else offsets[lo:lo + chunk])))
         images = np.empty((n,) + tuple(self.image_shape), np.uint8)
         labels = self.labels[index].astype(np.int32)
+        ids = index.astype(np.int64)
         for lo, rows, future in jobs:
             out, failures = future.result()
             images[lo:lo + len(rows)] = out
@@ -321,8 +343,9 @@ class ImageFileSource:
                 if kind == "shape":
                     raise self._shape_error(i, tuple(int(v) for v in text.split("x"))[1::-1])
                 self._record_bad(i, text)  # raises with on_error='fail'
-                images[lo + row], labels[lo + row] = self._load_one(i, None if offsets is None else offsets[lo + row])
-        return {"image": images, "label": labels}
+                images[lo + row], labels[lo + row], ids[lo + row] = self._load_one(
+                    i, None if offsets is None else offsets[lo + row])
+        return self._with_ids({"image": images, "label": labels}, ids)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -345,11 +368,13 @@ class Listing:
     keys: Optional[List[str]]        # class folder name / label cell per file
     captions: Optional[List[str]] = None
     empty_classes: Tuple[str, ...] = ()  # class folders without images (already reported)
+    caption_lists: Optional[List[List[str]]] = None  # dataset.caption_column: every caption per file
 
     def select(self, rows) -> "Listing":
         rows = list(rows)
         pick = lambda values: None if values is None else [values[r] for r in rows]  # noqa: E731
-        return Listing(self.where, pick(self.paths), pick(self.keys), pick(self.captions), self.empty_classes)
+        return Listing(self.where, pick(self.paths), pick(self.keys), pick(self.captions), self.empty_classes,
+                       pick(self.caption_lists))
 
 
 def _is_image(name: str) -> bool:
@@ -415,8 +440,13 @@ def _log_ignored(root: str, ignored: List[str]) -> None:
                      IMAGE_EXTENSIONS, ignored[0])
 
 
-def list_table(path: str, delimiter: str, errors: ErrorLog) -> Listing:
-    """A CSV/TSV list: header row with ``path`` and optional ``label`` / ``caption`` columns."""
+def list_table(path: str, delimiter: str, errors: ErrorLog, caption_column: str = "") -> Listing:
+    """A CSV/TSV list: header row with ``path`` and optional ``label`` / ``caption`` columns.
+
+    With ``caption_column`` (``dataset.caption_column``) that column must exist and every row
+    needs a caption (a JSON list in the cell is several); rows naming the same image are one
+    example with all their captions (:func:`merge_captioned_rows`).
+    """
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
@@ -426,7 +456,12 @@ def list_table(path: str, delimiter: str, errors: ErrorLog) -> Listing:
                 raise DataError(f"{path}: the header row names the columns {columns} but no 'path' column; "
                                 f"the first line must be {kind}-separated column names with 'path' and "
                                 f"optionally 'label' and 'caption' (see docs/OWN_DATA.md).")
-            labelled, captioned = "label" in columns, "caption" in columns
+            if caption_column and caption_column not in columns:
+                raise DataError(f"{path}: the header row names the columns {columns} but not "
+                                f"config.dataset.caption_column={caption_column!r}; name the caption column "
+                                f"there, or set --config.dataset.caption_column to one of those columns.")
+            caption_key = caption_column or "caption"
+            labelled, captioned = "label" in columns, caption_key in columns
             base = os.path.dirname(os.path.abspath(path))
             paths, keys, captions = [], [], []
             for row in reader:
@@ -444,15 +479,37 @@ def list_table(path: str, delimiter: str, errors: ErrorLog) -> Listing:
                 if labelled and not label:
                     errors.bad("missing_label", where, f"has no label for {cell!r}", "fill in the label column")
                     continue
+                caption = row.get(caption_key) or ""
+                if caption_column and not parse_captions(caption):
+                    errors.bad("empty_caption", where, f"has an empty {caption_column!r} caption for {cell!r}",
+                               "write the caption")
+                    continue
                 paths.append(image)
                 keys.append(label)
-                captions.append(row.get("caption") or "")
+                captions.append(caption)
     except OSError as err:
         raise DataError(f"{path} cannot be read ({_describe(err)}); point --config.dataset.path at the "
                         f"list file.") from None
     except csv.Error as err:
         raise DataError(f"{path}: malformed list file ({_describe(err)}); fix the file.") from None
-    return Listing(path, paths, keys if labelled else None, captions if captioned else None)
+    listing = Listing(path, paths, keys if labelled else None, captions if captioned else None)
+    return merge_captioned_rows(listing) if caption_column else listing
+
+
+def merge_captioned_rows(listing: Listing) -> Listing:
+    """Rows naming the same image -> one example (at its first row, with that row's label) and all captions."""
+    first: Dict[str, int] = {}
+    lists: List[List[str]] = []
+    keep: List[int] = []
+    for r, (path, caption) in enumerate(zip(listing.paths, listing.captions)):
+        if path not in first:
+            first[path] = len(keep)
+            keep.append(r)
+            lists.append([])
+        lists[first[path]] += parse_captions(caption)
+    merged = listing.select(keep)
+    merged.caption_lists = lists
+    return merged
 
 
 # --------------------------------------------------------------------------- splits and labels
@@ -476,13 +533,13 @@ def _split_location(cfg: Mapping[str, Any], split: str, kind: str) -> Tuple[str,
     return path, False
 
 
-def _list(location: str, kind: str, errors: ErrorLog) -> Listing:
+def _list(location: str, kind: str, errors: ErrorLog, caption_column: str = "") -> Listing:
     if kind == "image_folder":
         return list_folder(location, errors)
     if not os.path.isfile(location):
         raise DataError(f"{location} does not exist; point --config.dataset.path at the list file "
                         f"(with {{split}} in it for one file per split).")
-    return list_table(location, "\t" if kind == "tsv" else ",", errors)
+    return list_table(location, "\t" if kind == "tsv" else ",", errors, caption_column)
 
 
 def _is_count(key: str) -> bool:
@@ -569,12 +626,14 @@ def _parts(cfg: Mapping[str, Any], split: str, kind: str, errors: ErrorLog) -> T
     """(the split's listing, the training split's listing, the listing the class names come from)."""
     train_split, test_split = str(_get(cfg, "train_split", "train")), str(_get(cfg, "test_split", "test"))
     location, own = _split_location(cfg, split, kind)
-    listing = _list(location, kind, errors)
+    caption_column = str(_get(cfg, "caption_column", ""))
+    listing = _list(location, kind, errors, caption_column)
     if own:
         if split == train_split:
             return listing, listing, listing
         train_location, _ = _split_location(cfg, train_split, kind)
-        train = _list(train_location, kind, ErrorLog("skip", f"(training split {train_location}, listed for its classes)"))
+        train = _list(train_location, kind, ErrorLog("skip", f"(training split {train_location}, listed for its classes)"),
+                      caption_column)
         return listing, train, train
     rows = _fraction_rows(listing, cfg, split, train_split, test_split)
     train_rows = _fraction_rows(listing, cfg, train_split, train_split, test_split)
@@ -621,7 +680,8 @@ def load_files(cfg: Mapping[str, Any], split: str, kind: str) -> ImageFileSource
                            int(_get(cfg, "decode_workers", DEFAULT_DECODE_WORKERS)), class_names=names,
                            captions=listing.captions, labelled=listing.keys is not None,
                            processes=int(_get(cfg, "decode_processes", 0)),
-                           host_crop=str(_get(cfg, "host_crop", "center")) if split == train_split else "center")
+                           host_crop=str(_get(cfg, "host_crop", "center")) if split == train_split else "center",
+                           caption_lists=listing.caption_lists)
 
 
 def derived_fields(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
@@ -656,10 +716,9 @@ def write_error_report(source, workdir: str) -> Optional[str]:
     errors = getattr(source, "errors", None)
     if errors is None or not errors.count:
         return None
-    path = os.path.join(workdir, ERROR_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(errors.summary(), f, indent=1)
-    os.replace(path + ".tmp", path)
+    from clrjax import metrics as metrics_lib, storage  # a gs:// workdir is written through storage
+    path = storage.join(workdir, ERROR_FILE)
+    metrics_lib.write_text_atomically(path, json.dumps(errors.summary(), indent=1))
     return path
 
 

@@ -75,6 +75,7 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 
+from clrjax.data import captions as captions_lib
 from clrjax.data.records import has_record_source
 
 Batch = Dict[str, np.ndarray]
@@ -385,13 +386,20 @@ class TrainLoader:
       read_chunk: examples per grain read unit (default 32; see ``clrjax.data.grain_reader``).
       shuffle_buffer: stream reader: examples per shuffle block; default the source's
         ``shuffle_buffer`` (``dataset.shuffle_buffer``).
+      tokenizer: image-text data (``clrjax.data.tokenizers``; default the source's ``tokenizer``
+        attribute, if any): batches gain ``'text'`` int32 [B/P, L], each row's caption of the
+        epoch (:func:`clrjax.data.captions.caption_choice`: a function of (seed, epoch, example),
+        so the same on any process count and after resume) tokenized to ``tokenizer.context_length``;
+        the source must have captions (``dataset.caption_column``). ``captions_cut`` counts
+        the captions cut to fit.
 
     A source with ``host_crop == 'random'`` (``dataset.host_crop``) gets each image's square cut
     at :func:`crop_offsets` instead of the centre (``source.load(rows, offsets)``; the stream
     reader passes them to its decoders).
 
     Yields:
-      ``{'image': uint8 [B/P, H, W, C], 'label': int32 [B/P], 'index': int32 [B/P]}``.
+      ``{'image': uint8 [B/P, H, W, C], 'label': int32 [B/P], 'index': int32 [B/P]}``
+      (and ``'text': int32 [B/P, L]`` with a tokenizer).
 
     Use as a context manager, or call :meth:`close`, to stop the thread.
     """
@@ -399,7 +407,7 @@ class TrainLoader:
     def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
                  start_step: int = 0, prefetch: int = 2, reader: str = "auto",
                  read_threads: Optional[int] = None, read_ahead: Optional[int] = None,
-                 read_chunk: Optional[int] = None, shuffle_buffer: Optional[int] = None):
+                 read_chunk: Optional[int] = None, shuffle_buffer: Optional[int] = None, tokenizer=None):
         self.local_batch = _check_sharding(global_batch, process_index, process_count)
         if global_batch > len(source):
             raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({len(source)} "
@@ -407,6 +415,9 @@ class TrainLoader:
         if seed < 0 or start_step < 0:
             raise ValueError(f"seed and start_step must be non-negative, got {seed} and {start_step}")
         self.source = source
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
+        captions_lib.check_captioned(source, self.tokenizer)
+        self.captions_cut = 0  # captions this loader cut to the context length (tokenizer given)
         self.global_batch = global_batch
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
@@ -490,6 +501,26 @@ class TrainLoader:
         batch["image"] = np.asarray(batch["image"], np.uint8)
         batch["label"] = np.asarray(batch["label"], np.int32)
         batch["index"] = self.local_counters(step)
+        return self._add_text(batch, step)
+
+    # -- captions (image-text data)
+
+    def _add_text(self, batch: Batch, step: int) -> Batch:
+        """The ``'text'`` field: int32 [B/P, L], the tokenized caption of each row (clrjax/data/captions.py).
+
+        ``batch['id']`` (sources that may replace an undecodable image) names the example each row
+        holds, so its caption is that example's; else the rows are :meth:`local_rows`. Removed either way.
+        """
+        ids = batch.pop("id", None)
+        if self.tokenizer is None:
+            return batch
+        if ids is None:
+            ids = self.local_rows(step)
+        text, cut = captions_lib.text_field(self.source, self.tokenizer, self.seed,
+                                            int(step) // self.steps_per_epoch, ids)
+        batch["text"] = text
+        with self._perm_lock:
+            self.captions_cut += int(cut.sum())
         return batch
 
     # -- the stream reader (streaming sources)
@@ -519,12 +550,14 @@ class TrainLoader:
         source = self.source
         images = np.empty((self.local_batch,) + tuple(source.image_shape), np.uint8)
         labels = source.labels[job.rows].astype(np.int32)
+        ids = np.asarray(job.rows, np.int64).copy()
         for lo, future in job.futures:
             out, failures = future.result()
             images[lo:lo + len(out)] = out
             for row, kind, problem in failures:
-                images[lo + row], labels[lo + row] = self._replacement(job, lo + row, kind, problem)
-        return {"image": images, "label": labels, "index": self.local_counters(job.step)}
+                images[lo + row], labels[lo + row], ids[lo + row] = self._replacement(job, lo + row, kind, problem)
+        batch = {"image": images, "label": labels, "index": self.local_counters(job.step), "id": ids}
+        return self._add_text(batch, job.step)
 
     def _replacement(self, job: _StepJob, row: int, kind: str, problem: str):
         """on_error='skip': the next example of the row's shuffle block (cyclically) that decodes."""
@@ -540,7 +573,7 @@ class TrainLoader:
                 continue
             image, kind, problem = source.decode_one(block.data[c], offset)
             if image is not None:
-                return image, int(source.labels[candidate])
+                return image, int(source.labels[candidate]), candidate
             source.record_bad(candidate, kind, problem)
         from clrjax.data.sources import DataError  # local: sources imports nothing of the pipeline
         raise DataError(f"{getattr(source.errors, 'name', 'the dataset')}: none of the {n} images of a shuffle "
@@ -596,7 +629,7 @@ class TrainLoader:
         if batch["index"][0] != expected[0] or len(batch["index"]) != len(expected):
             raise RuntimeError(f"grain stream out of step: got counters from {batch['index'][0]}, "
                                f"expected step {self._step} ({expected[0]})")
-        return batch
+        return self._add_text(batch, self._step)
 
     def close(self) -> None:
         """Stops the prefetch/read threads; the loader cannot be iterated afterwards."""

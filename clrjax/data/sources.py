@@ -42,7 +42,7 @@ import os
 import struct
 import threading
 import zlib
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -79,9 +79,12 @@ class ArraySource:
       images: uint8 [N, H, W, C].
       labels: integer [N] (stored as int32).
       num_classes: number of classes; default ``labels.max() + 1``.
+      captions: optional, per example a caption or a list of captions (image-text data,
+        ``clrjax/data/captions.py``); each example needs at least one non-empty caption.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: Optional[int] = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: Optional[int] = None,
+                 captions: Optional[Sequence[Any]] = None):
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -93,12 +96,32 @@ class ArraySource:
         self.image_shape: Tuple[int, int, int] = tuple(images.shape[1:])
         self.num_classes = int(num_classes if num_classes is not None else
                                (self.labels.max() + 1 if len(labels) else 0))
+        self.caption_lists = None if captions is None else _caption_lists(captions, len(images))
+
+    @property
+    def has_captions(self) -> bool:
+        return self.caption_lists is not None
+
+    def captions_of(self, ids) -> List[List[str]]:
+        """Every caption of each example ``ids`` (``clrjax/data/captions.py``)."""
+        return [self.caption_lists[int(i)] for i in np.asarray(ids).reshape(-1)]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index) -> Batch:
         return {"image": self.images[index], "label": self.labels[index]}
+
+
+def _caption_lists(captions: Sequence[Any], n: int) -> List[List[str]]:
+    if len(captions) != n:
+        raise ValueError(f"captions must have one entry per image ({n}), got {len(captions)}")
+    lists = [[c] if isinstance(c, str) else [str(x) for x in c] for c in captions]
+    empty = [i for i, c in enumerate(lists) if not any(x.strip() for x in c)]
+    if empty:
+        raise DataError(f"example {empty[0]} has no caption ({len(empty)} examples have none); give every "
+                        f"image at least one non-empty caption.")
+    return [[x.strip() for x in c if x.strip()] for c in lists]
 
 
 # --------------------------------------------------------------------------- digits

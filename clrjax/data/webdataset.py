@@ -79,6 +79,7 @@ import numpy as np
 from absl import logging
 
 from clrjax.data import decoding
+from clrjax.data.captions import parse_captions
 from clrjax.data.datasets import Dataset
 from clrjax.data.folders import (DEFAULT_DECODE_WORKERS, DEFAULTS, IMAGE_EXTENSIONS, ErrorLog, SPLIT_SEED,
                                  _get, _is_count)
@@ -295,6 +296,9 @@ class TarShardSource:
       processes, threads: decode worker processes (0 = ``threads`` threads in this process).
       shuffle_buffer: samples shuffled together by the training stream (its block size).
       host_crop: 'center' or 'random' (the training stream's square; evaluation always centres).
+      has_captions: the ``.txt`` members are the captions (``dataset.caption_column = 'txt'``;
+        every kept sample has a non-empty one): :meth:`captions_of`, and batches say which
+        example each row holds (``'id'``), so a caption follows an image replaced with on_error='skip'.
 
     The streaming interface (:class:`clrjax.data.pipeline.TrainLoader` reader 'stream'):
     ``shard_sizes``, :meth:`read_raw`, :meth:`pool`, :meth:`record_bad`, ``bad``. An example's
@@ -306,7 +310,8 @@ class TarShardSource:
     def __init__(self, indexes: Sequence[ShardIndex], rows: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                  num_classes: int, class_names: Sequence[str], labelled: bool, image_size: int, channels: int,
                  errors: ErrorLog, processes: int = 0, threads: int = DEFAULT_DECODE_WORKERS,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, host_crop: str = "center"):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, host_crop: str = "center",
+                 has_captions: bool = False):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         keep = [k for k in range(len(indexes)) if len(rows[k])]
@@ -323,6 +328,7 @@ class TarShardSource:
         self.processes, self.num_threads = max(0, int(processes)), max(1, int(threads))
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.host_crop = str(host_crop)
+        self.has_captions = bool(has_captions)
         self.bad: set = set()  # ids found not to decode (recorded once)
         self._lock = threading.Lock()
         self._pool = None
@@ -369,6 +375,38 @@ class TarShardSource:
         with open(self._indexes[shard].path, "rb") as f:
             f.seek(offset)
             return f.read(length).decode("utf-8", "replace")
+
+    def captions_of(self, ids) -> List[List[str]]:
+        """Every caption of each example ``ids``: its ``.txt`` member (a JSON list there is several).
+
+        One ``pread`` per example (the member sits next to the image the stream just read). A
+        ``.txt`` of whitespace only is bad input (the index saw its size, not its text): a
+        DataError with on_error='fail', else recorded and used as the empty caption.
+        """
+        shards, positions = self.locate(np.asarray(ids, np.int64).reshape(-1))
+        out: List[List[str]] = []
+        fds: Dict[int, int] = {}
+        try:
+            for shard, pos in zip(shards.tolist(), positions.tolist()):
+                index = self._indexes[shard]
+                offset, length = index.text[self._rows[shard][pos]]
+                if shard not in fds:
+                    fds[shard] = os.open(index.path, os.O_RDONLY)
+                text = os.pread(fds[shard], int(length), int(offset)).decode("utf-8", "replace") if offset >= 0 else ""
+                captions = parse_captions(text)
+                if not captions:
+                    where = f"{index.path}:{index.names[self._rows[shard][pos]]}"
+                    self.errors.bad("empty_caption", where, f"has an empty .{TEXT_EXT} caption",
+                                    f"write the caption into its .{TEXT_EXT} member")
+                    captions = [""]
+                out.append(captions)
+        except OSError as err:
+            raise DataError(f"{self._indexes[shard].path}: cannot be read any more ({decoding.describe(err)}); it "
+                            f"was readable when the run started: fix the file system or the shard.") from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out
 
     def _native_shape(self) -> Tuple[int, int, int]:
         from PIL import Image
@@ -465,16 +503,21 @@ class TarShardSource:
                 for lo in range(0, len(ids), chunk)]
         images = np.empty((len(ids),) + tuple(self.image_shape), np.uint8)
         labels = self.labels[ids].astype(np.int32)
+        used = ids.copy()
         for lo, job in jobs:
             out, failures = job.result()
             images[lo:lo + len(out)] = out
             for row, kind, problem in failures:
-                images[lo + row], labels[lo + row] = self._replacement_in_order(int(ids[lo + row]), kind, problem)
+                images[lo + row], labels[lo + row], used[lo + row] = self._replacement_in_order(
+                    int(ids[lo + row]), kind, problem)
         if scalar:
             return {"image": images[0], "label": labels[0]}
-        return {"image": images, "label": labels}
+        batch = {"image": images, "label": labels}
+        if self.has_captions:
+            batch["id"] = used
+        return batch
 
-    def _replacement_in_order(self, example_id: int, kind: str, problem: str) -> Tuple[np.ndarray, int]:
+    def _replacement_in_order(self, example_id: int, kind: str, problem: str) -> Tuple[np.ndarray, int, int]:
         """on_error='skip': the next example in dataset order that decodes (random access)."""
         self.record_bad(example_id, kind, problem)
         n = len(self)
@@ -484,7 +527,7 @@ class TarShardSource:
                 continue
             image, kind, problem = self.decode_one(self.read_ids([j])[0])
             if image is not None:
-                return image, int(self.labels[j])
+                return image, int(self.labels[j]), j
             self.record_bad(j, kind, problem)
         raise DataError(f"{self.errors.name}: none of its {n} images can be decoded; check --config.dataset.path.")
 
@@ -634,6 +677,9 @@ def load_shards(cfg: Mapping[str, Any], split: str) -> TarShardSource:
         raise DataError(f"{part.pattern} is unlabelled (no .{LABEL_EXT} files in the training split), so split "
                         f"{split!r} cannot evaluate an encoder; add .{LABEL_EXT} files or set "
                         f"--config.eval.final=False.")
+    captioned = _caption_column(cfg)
+    if captioned:
+        _require_captions(part, errors)
     labels = _labels(part, names, integer, labelled, errors)
     if not labelled:
         num_classes = 1
@@ -650,7 +696,33 @@ def load_shards(cfg: Mapping[str, Any], split: str) -> TarShardSource:
                           processes=int(_get(cfg, "decode_processes", 0)),
                           threads=int(_get(cfg, "decode_workers", DEFAULT_DECODE_WORKERS)),
                           shuffle_buffer=int(_get(cfg, "shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)),
-                          host_crop=str(_get(cfg, "host_crop", "center")) if split == train_split else "center")
+                          host_crop=str(_get(cfg, "host_crop", "center")) if split == train_split else "center",
+                          has_captions=captioned)
+
+
+def _caption_column(cfg: Mapping[str, Any]) -> bool:
+    """Whether ``dataset.caption_column`` asks for captions ('txt', the only caption member read)."""
+    column = str(_get(cfg, "caption_column", ""))
+    if column and column != TEXT_EXT:
+        raise DataError(f"config.dataset.caption_column is {column!r} but webdataset captions are the "
+                        f".{TEXT_EXT} members; set --config.dataset.caption_column={TEXT_EXT}.")
+    return bool(column)
+
+
+def _require_captions(part: _Split, errors: ErrorLog) -> None:
+    """Samples without a ``.txt``, or with an empty one, are reported (and left out with on_error='skip')."""
+    for k, (ix, rows) in enumerate(zip(part.indexes, part.rows)):
+        keep = []
+        for r in rows:
+            offset, length = ix.text[r]
+            if offset < 0 or length == 0:
+                errors.bad("empty_caption" if offset >= 0 else "missing_caption", f"{ix.path}:{ix.names[r]}",
+                           f"has {'an empty' if offset >= 0 else 'no'} .{TEXT_EXT} caption "
+                           f"(config.dataset.caption_column={TEXT_EXT})",
+                           f"add the sample's .{TEXT_EXT} file or set --config.dataset.caption_column=''")
+            else:
+                keep.append(r)
+        part.rows[k] = np.asarray(keep, np.int64)
 
 
 def _info(cfg: Mapping[str, Any]) -> Tuple[Tuple[int, int, int], int]:
