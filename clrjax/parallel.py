@@ -9,11 +9,14 @@ raises ``ShardingTypeError`` (seen with jax 0.10).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clrjax import clusters
 
 DATA_AXIS = "data"
 
@@ -25,11 +28,12 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     """Starts JAX's multi-controller runtime when the run is multi-process.
 
     Explicit arguments win; otherwise ``jax.distributed.initialize()`` detects
-    Cloud TPU pods and SLURM itself. One-process runs need nothing and return
-    False without touching the runtime.
+    Cloud TPU pods and SLURM steps itself, called only when ``clrjax.clusters``
+    finds what JAX's detection would find. One-process runs need nothing and
+    return False without touching the runtime.
     """
     explicit = coordinator_address is not None or (num_processes or 1) > 1
-    auto = _cluster_detected()
+    auto = not explicit and _cluster_detected()
     if not explicit and not auto:
         return False
     kwargs = {}
@@ -46,10 +50,11 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 
 def _cluster_detected() -> bool:
-    """True under SLURM with several tasks or on a multi-worker Cloud TPU VM."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    """True in a SLURM step of several tasks or on a multi-worker Cloud TPU VM (``clrjax.clusters``)."""
+    note = clusters.slurm_outside_step_note(os.environ)
+    if note:
+        print(f"clrjax: {note}", file=sys.stderr, flush=True)
+    return clusters.multi_process_cluster()
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
