@@ -788,15 +788,17 @@ def _check_file_dataset(config) -> None:
               "folder or list file")
 
 
-CAPTION_DATASETS = ("csv", "tsv", "webdataset")  # datasets that read dataset.caption_column
+# built-in datasets without captions (csv/tsv/webdataset and TFDS datasets read dataset.caption_column)
+UNCAPTIONED_DATASETS = ("digits", "fashion_mnist", "synthetic", "image_folder")
 
 
 def _check_text(config) -> None:
-    """Captions only where a dataset reads them; a SentencePiece vocabulary that exists."""
+    """Captions only where a dataset can have them; a SentencePiece vocabulary that exists."""
     column, name = config.dataset.caption_column, config.dataset.name
-    if column and name not in CAPTION_DATASETS:
+    if column and name in UNCAPTIONED_DATASETS:
         _fail("dataset.caption_column", f"is {column!r} but {name} has no captions",
-              f"use a dataset with captions ({', '.join(CAPTION_DATASETS)}) or set --config.dataset.caption_column=''")
+              "use a dataset with captions (csv, tsv, webdataset, a TFDS dataset with a caption feature) or "
+              "set --config.dataset.caption_column=''")
     if column and name == "webdataset" and column != "txt":
         _fail("dataset.caption_column", f"is {column!r} but webdataset captions are the .txt members",
               "set --config.dataset.caption_column=txt")

@@ -113,6 +113,25 @@ class ArraySource:
         return {"image": self.images[index], "label": self.labels[index]}
 
 
+def captions_from_example(example: Mapping[str, Any], key: str) -> List[str]:
+    """The captions of one decoded record: ``example[a][b]`` for key 'a/b'; bytes, str or a sequence of them.
+
+    A single text goes through :func:`clrjax.data.captions.parse_captions` (a JSON list is several).
+    """
+    from clrjax.data.captions import parse_captions  # local: captions imports nothing of the sources
+
+    value: Any = example
+    for part in key.split("/"):
+        value = value[part]
+    texts = [value] if isinstance(value, (bytes, str)) or np.ndim(value) == 0 else list(np.ravel(value))
+    out: List[str] = []
+    for text in texts:
+        text = text.item() if isinstance(text, np.generic) else text
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        out += parse_captions(text)
+    return out
+
+
 def _caption_lists(captions: Sequence[Any], n: int) -> List[List[str]]:
     if len(captions) != n:
         raise ValueError(f"captions must have one entry per image ({n}), got {len(captions)}")
@@ -377,10 +396,15 @@ class TfdsSource:
       image_size: host output side; 0 = native (needs fixed-size images).
       num_threads: decode threads per request.
       image_key, label_key: feature names.
+      caption_key: image-text data (``dataset.caption_column``): the caption feature, '/' for
+        nested ones (``captions/text`` in ``coco_captions``); a text or a sequence of texts per
+        example. Read by :meth:`captions_of` from a second data source that skips decoding the
+        image, so captions cost no image decode.
     """
 
     def __init__(self, tfds_name: str, split: str, data_dir: str = "", image_size: int = 0,
-                 num_threads: int = 8, image_key: str = "image", label_key: str = "label"):
+                 num_threads: int = 8, image_key: str = "image", label_key: str = "label",
+                 caption_key: str = ""):
         data_dir = data_dir or default_tfds_dir()
         base = tfds_name.split("/")[0].split(":")[0]
         # Check the files ourselves first: for a missing dataset tfds may try
@@ -411,6 +435,35 @@ class TfdsSource:
         self._num_threads = max(1, int(num_threads))
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
+        self._open_args = (tfds_name, split, data_dir)
+        self.caption_key = str(caption_key)
+        if self.caption_key and self.caption_key.split("/")[0] not in features:
+            raise DataError(f"TFDS dataset {tfds_name!r} has no feature {self.caption_key.split('/')[0]!r} "
+                            f"(config.dataset.caption_column={self.caption_key!r}); its features are "
+                            f"{sorted(features.keys())}: set --config.dataset.caption_column to its caption feature.")
+        self._text_ds = None
+
+    @property
+    def has_captions(self) -> bool:
+        return bool(self.caption_key)
+
+    def captions_of(self, ids) -> List[List[str]]:
+        """Every caption of each example ``ids`` (:func:`captions_from_example` of its record)."""
+        with self._pool_lock:
+            if self._text_ds is None:
+                import tensorflow_datasets as tfds
+
+                name, split, data_dir = self._open_args
+                self._text_ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                                 decoders={self._image_key: tfds.decode.SkipDecoding()})
+        out = []
+        for i in np.asarray(ids).reshape(-1).tolist():
+            found = captions_from_example(self._text_ds[int(i)], self.caption_key)
+            if not found:
+                raise DataError(f"TFDS example {i} has no caption in feature {self.caption_key!r}; "
+                                f"set --config.dataset.caption_column to a feature every example fills.")
+            out.append(found)
+        return out
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -495,7 +548,8 @@ def _tfds_dataset(name: str, tfds_name: str, native_shape: Optional[Tuple[int, i
     """A TFDS array_record dataset; ``native_shape`` None = variable-size images (host resize/crop)."""
     def load(dataset_cfg, split):
         return TfdsSource(tfds_name, split, _get(dataset_cfg, "data_dir", ""),
-                          image_size=int(_get(dataset_cfg, "image_size", 0)))
+                          image_size=int(_get(dataset_cfg, "image_size", 0)),
+                          caption_key=str(_get(dataset_cfg, "caption_column", "")))
 
     def info(dataset_cfg):
         image_size = int(_get(dataset_cfg, "image_size", 0))

@@ -286,7 +286,7 @@ def _config(**fields):
 @pytest.mark.parametrize("fields,message", [
     ({"dataset.caption_column": "caption"},
      "config.dataset.caption_column is 'caption' but digits has no captions; use a dataset with captions "
-     "(csv, tsv, webdataset) or set --config.dataset.caption_column=''."),
+     "(csv, tsv, webdataset, a TFDS dataset with a caption feature) or set --config.dataset.caption_column=''."),
     ({"text.tokenizer": "sentencepiece"},
      "config.text.vocab_file is empty but text.tokenizer is 'sentencepiece'; set --config.text.vocab_file to a "
      "SentencePiece .model file (or text.tokenizer=bytes)."),
@@ -303,3 +303,46 @@ def test_text_config_validation(fields, message):
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate_config(_config(**fields))
     assert str(err.value) == message
+
+
+# --------------------------------------------------------------------------- TFDS (a fake in memory)
+# No captioned TFDS dataset can be built offline here (tfds build needs TensorFlow and the download),
+# so these tests give a TfdsSource an in-memory list of records shaped as tfds' coco_captions decodes
+# them: {'image': uint8 [H, W, C], 'captions': {'id': int64 [n], 'text': bytes [n]}, 'label': int}.
+
+
+def _fake_tfds(n=N):
+    from clrjax.data.sources import TfdsSource
+
+    records = [{"image": _image(k)[..., None], "label": k % 3,
+                "captions": {"id": np.arange(VARIANTS), "text": np.asarray(
+                    [_caption(k, v).encode() for v in range(VARIANTS)], dtype=object)}} for k in range(n)]
+    src = object.__new__(TfdsSource)
+    src._ds = src._text_ds = records  # captions_of reads _text_ds (the image-skipping data source)
+    src._image_key, src._label_key, src._resize_to = "image", "label", 0
+    src.image_shape, src.num_classes, src._num_threads = (8, 8, 1), 3, 2
+    src._pool, src._pool_lock = None, __import__("threading").Lock()
+    src.caption_key = "captions/text"
+    return src
+
+
+def test_tfds_caption_feature_of_a_record():
+    from clrjax.data.sources import captions_from_example
+
+    record = _fake_tfds(2)._ds[1]
+    assert captions_from_example(record, "captions/text") == [_caption(1, v) for v in range(VARIANTS)]
+    assert captions_from_example({"caption": b'["a", "b"]'}, "caption") == ["a", "b"]
+    assert captions_from_example({"caption": np.asarray(" one ")}, "caption") == ["one"]
+
+
+def test_tfds_text_field_through_the_grain_reader():
+    src = _fake_tfds()
+    assert src.has_captions
+    with TrainLoader(src, 8, 4, tokenizer=TOK) as ld:
+        assert ld.reader == "grain"
+    grain = _stream(src, 8, seed=4, steps=6, prefetch=2)  # reader 'auto' = grain for TFDS sources
+    two = _stream(src, 8, seed=4, steps=6, process_count=2)
+    assert grain == two
+    for s, rows in grain.items():
+        for k, v in rows:
+            assert v == captions.caption_choice(4, s // 3, [k], [VARIANTS])[0]
