@@ -21,6 +21,11 @@ Output lines are prefixed ``[pI]``. If one process fails, the others are sent
 SIGTERM (then SIGKILL after ``--grace_s``): a peer of a dead process would
 otherwise hang in its next collective. SIGTERM/SIGINT to this launcher is
 forwarded to every process, so experiments/train.py saves and exits 75.
+Signals often come twice (``timeout`` signals its child and then the child's
+process group; SLURM signals every process of a step): a repeat is passed on
+as SIGKILL only when it is deliberate, i.e. a second Ctrl-C (SIGINT) at least
+``DUPLICATE_S`` after the first, or any signal more than ``--repeat_window_s``
+after the first; other repeats are ignored, so the runs can save.
 Exit status: 0 if all succeeded, else the exit status of the first process to
 fail (the cause; the others were stopped by the launcher), 128+N for a signal.
 """
@@ -44,6 +49,34 @@ DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 class LaunchError(ValueError):
     """Bad launcher arguments; the message names the problem and the fix."""
+
+
+class StopPolicy:
+    """Turns the signals this launcher receives into what its processes get: the first one
+    SIGTERM (save and exit 75), a deliberate repeat SIGKILL, a duplicate nothing."""
+
+    DUPLICATE_S = 1.0  # repeats closer than this are one request sent twice (timeout, SLURM)
+
+    def __init__(self, repeat_window_s: float = 60.0, clock=time.monotonic):
+        self.repeat_window_s = repeat_window_s
+        self.clock = clock
+        self.first_at: Optional[float] = None
+        self.last: Optional[tuple] = None  # (signal, time)
+
+    def on_signal(self, signum: int) -> Optional[int]:
+        """The signal to send to every process, or None to send nothing."""
+        now = self.clock()
+        last, self.last = self.last, (signum, now)
+        if self.first_at is None:
+            self.first_at = now
+            return signal.SIGTERM
+        if now - last[1] < self.DUPLICATE_S:
+            return None
+        if signum == signal.SIGINT and last[0] == signal.SIGINT:
+            return signal.SIGKILL  # a second Ctrl-C: no mercy
+        if now - self.first_at > self.repeat_window_s:
+            return signal.SIGKILL  # still running long after being asked to stop
+        return None
 
 
 @dataclass
@@ -151,7 +184,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def run_specs(specs: Sequence[ProcessSpec], grace_s: float = 10.0, log_dir: Optional[str] = None,
-              cwd: Optional[str] = None) -> int:
+              cwd: Optional[str] = None, repeat_window_s: float = 60.0) -> int:
     """Starts every process, streams their output, returns the job's exit status."""
     lock = threading.Lock()
     procs, threads, logs = [], [], []
@@ -171,10 +204,16 @@ def run_specs(specs: Sequence[ProcessSpec], grace_s: float = 10.0, log_dir: Opti
         logs.append(log)
 
     stop_requests = []
+    policy = StopPolicy(repeat_window_s)
 
     def forward(signum, _frame):
         stop_requests.append(signum)
-        sig = signal.SIGKILL if len(stop_requests) > 1 else signal.SIGTERM  # second Ctrl-C: no mercy
+        sig = policy.on_signal(signum)
+        if sig is None:
+            # No lock here: the handler runs in the main thread, which may hold it.
+            print(f"[launch] signal {signum} again: already stopping, ignored "
+                  "(a second Ctrl-C or a later signal kills the processes).", flush=True)
+            return
         for p in procs:
             _signal_group(p, sig)
 
@@ -227,6 +266,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     parser.add_argument("--grace_s", type=float, default=10.0,
                         help="seconds between SIGTERM and SIGKILL when stopping the others after a failure")
+    parser.add_argument("--repeat_window_s", type=float, default=60.0,
+                        help="a repeated SIGTERM within this many seconds of the first is a duplicate and "
+                             "ignored; later, or a second Ctrl-C, kills the processes (default 60)")
     parser.add_argument("--log_dir", default=None, help="also write each process's output to LOG_DIR/process_I.log")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, start nothing")
     parser.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
@@ -245,7 +287,11 @@ def main(argv: Sequence[str]) -> int:
         for spec in specs:
             print(format_spec(spec))
         return 0
-    return run_specs(specs, grace_s=args.grace_s, log_dir=args.log_dir)
+    if args.repeat_window_s < 0:
+        print(f"launch/local.py: --repeat_window_s is {args.repeat_window_s}; pass 0 or more seconds.",
+              file=sys.stderr)
+        return 2
+    return run_specs(specs, grace_s=args.grace_s, log_dir=args.log_dir, repeat_window_s=args.repeat_window_s)
 
 
 if __name__ == "__main__":

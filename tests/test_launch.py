@@ -138,6 +138,69 @@ def test_sigterm_to_the_launcher_reaches_every_process(fake_worker):
     assert out.count("saving") == 2
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("signals, expected", [
+    # (signal, seconds after the previous one) -> what every process gets
+    ([("TERM", 0)], ["TERM"]),
+    ([("TERM", 0), ("TERM", 0.001)], ["TERM", None]),          # timeout: child, then its group
+    ([("TERM", 0), ("TERM", 5), ("TERM", 20)], ["TERM", None, None]),  # within the repeat window
+    ([("TERM", 0), ("TERM", 61)], ["TERM", "KILL"]),           # still running a minute later
+    ([("INT", 0), ("INT", 2)], ["INT->TERM", "KILL"]),         # a second Ctrl-C
+    ([("INT", 0), ("INT", 0.01)], ["INT->TERM", None]),        # one Ctrl-C delivered twice
+    ([("TERM", 0), ("INT", 2)], ["TERM", None]),               # Ctrl-C after a preemption signal
+])
+def test_only_a_deliberate_repeat_escalates_to_sigkill(signals, expected):
+    clock = FakeClock()
+    policy = local.StopPolicy(repeat_window_s=60, clock=clock)
+    names = {None: None, signal.SIGTERM: "TERM", signal.SIGKILL: "KILL"}
+    got = []
+    for (name, delay), want in zip(signals, expected):
+        clock.now += delay
+        sent = names[policy.on_signal(getattr(signal, "SIG" + name))]
+        got.append("INT->TERM" if (name == "INT" and sent == "TERM") else sent)
+    assert got == expected
+
+
+SAVING_WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    workdir = sys.argv[1]
+    def save(*_):
+        print("saving", flush=True)
+        time.sleep(2.0)  # a checkpoint takes a while; a SIGKILL now would lose it
+        open(os.path.join(workdir, "checkpoint"), "w").write("saved")
+        sys.exit(75)
+    signal.signal(signal.SIGTERM, save)
+    print("hello", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_duplicate_sigterm_to_launcher_and_its_group_saves_and_exits_75(tmp_path):
+    """What `timeout 540 python launch/local.py ...` does: SIGTERM to the child, then to its group."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(SAVING_WORKER)
+    launcher = subprocess.Popen([sys.executable, LOCAL, "--num_processes=1", str(worker), str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    for line in launcher.stdout:
+        if "hello" in line:
+            break
+    launcher.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # apart enough to reach the handler twice (not merged), well inside DUPLICATE_S
+    os.killpg(launcher.pid, signal.SIGTERM)
+    out = launcher.communicate(timeout=30)[0]
+    assert launcher.returncode == 75, out
+    assert (tmp_path / "checkpoint").read_text() == "saved"
+    assert "already stopping, ignored" in out
+
+
 # --------------------------------------------------------------------------- cluster scripts
 
 
@@ -169,10 +232,12 @@ def test_slurm_dry_run_one_process_per_gpu_leaves_devices_to_jax():
     assert "--local_device_ids" not in proc.stdout
 
 
-def test_slurm_script_header_requeues_with_a_term_lead_time():
+def test_slurm_script_header_requeues_and_signals_the_tasks_themselves():
     text = open(SLURM).read()
-    for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:TERM@120", "#SBATCH --open-mode=append"):
+    for directive in ("#SBATCH --requeue", "#SBATCH --signal=TERM@120", "#SBATCH --open-mode=append"):
         assert directive in text
+    # B: would signal only this shell, and srun turns a SIGTERM into SIGKILL of its tasks.
+    assert "B:TERM" not in text and 'kill -TERM "$SRUN_PID"' not in text
 
 
 def test_slurm_refuses_explicit_distributed_flags():
@@ -182,12 +247,14 @@ def test_slurm_refuses_explicit_distributed_flags():
 
 def test_tpu_dry_run_runs_the_command_on_every_worker():
     proc = _bash(TPU, "run", "experiments/train.py", "--config=configs/simclr.py:imagenet", "--workdir=/mnt/r",
-                 env={"DRY_RUN": "1", "TPU": "my-pod", "ZONE": "us-central2-b", "WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"})
+                 env={"DRY_RUN": "1", "TPU": "my-pod", "ZONE": "us-central2-b"})
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith("gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b --worker=all ")
-    assert ("cd clrjax && TPU_WORKER_HOSTNAMES=10.0.0.1,10.0.0.2 python3 experiments/train.py "
-            "--config=configs/simclr.py:imagenet --workdir=/mnt/r") in line
+    # Nothing but the command: every worker finds the others from the TPU metadata (clrjax.clusters).
+    assert line.endswith("'--command=cd clrjax && .venv/bin/python experiments/train.py "
+                         "--config=configs/simclr.py:imagenet --workdir=/mnt/r'")
+    assert "TPU_WORKER_HOSTNAMES" not in line
 
 
 def test_tpu_dry_run_setup_copies_and_installs_on_every_worker():
@@ -195,6 +262,9 @@ def test_tpu_dry_run_setup_copies_and_installs_on_every_worker():
     assert proc.returncode == 0, proc.stderr
     assert "gcloud compute tpus tpu-vm scp" in proc.stdout and "--worker=all" in proc.stdout
     assert "pip install" in proc.stdout and "--project=proj" in proc.stdout
+    # jax 0.10.2 needs Python >= 3.11: the workers get a venv of it from uv, whatever python3 is.
+    assert "uv venv -q --allow-existing --python 3.11 .venv" in proc.stdout
+    assert "uv pip install -q --python .venv/bin/python -e . 'jax[tpu]'" in proc.stdout.replace("'\\''", "'")
 
 
 def test_tpu_script_names_the_missing_variable():
