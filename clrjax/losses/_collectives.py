@@ -58,6 +58,20 @@ def all_gather_constant(x: jax.Array, axis_name: AxisName) -> jax.Array:
     return gather(x, axis_name, axis=0, tiled=True)
 
 
+def constant_varying(x, axis_name: AxisName):
+    """Types a replicated constant ``x`` as device-varying over the axis.
+
+    A ``lax.scan`` carry must keep its type; a constant initial carry (zeros)
+    is replicated while the body's output varies per device, so shard_map's
+    replication check needs the cast. Under pmap it changes nothing; on one
+    device it is the identity. Only for values built as constants inside the
+    mapped function: pcast refuses a value that already varies.
+    """
+    if axis_name is None:
+        return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+
+
 def psum(x, axis_name: AxisName):
     """Sums a pytree over the axis (identity on one device)."""
     if axis_name is None:

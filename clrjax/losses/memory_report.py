@@ -10,6 +10,9 @@ CPU devices and prints XLA's own accounting from ``.compile().cost_analysis()``
 1. Barlow Twins, VICReg, TiCo at N=2048, d=8192: impl='replicated' against
    impl='column_split'.
 2. SimCLR at N=65,536, d=128: dense against chunk_size=4096.
+3. Image-text losses at N=32,768, d=768: SigLIP's ppermute ring against
+   impl='all_gather', and CLIP dense against chunk_size=4096 (gradient
+   w.r.t. both towers' outputs and the learnable scale and bias).
 
 The gradient is taken w.r.t. the embeddings (the projector's output), which is
 what the backward pass of a training step needs. Collapse monitors are off
@@ -31,7 +34,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from clrjax.losses import barlow_twins_loss, simclr_loss, tico_loss, vicreg_loss  # noqa: E402
+from clrjax.losses import (barlow_twins_loss, clip_loss, siglip_loss, simclr_loss,  # noqa: E402
+                           tico_loss, vicreg_loss)
 
 N_DEVICES = 8
 GIB = 2.0**30
@@ -97,10 +101,40 @@ def report_simclr_chunking(n_global=65536, dim=128, chunk_size=4096):
           "GFLOPs undercount; the true FLOPs equal the dense ones (every block is computed).")
 
 
+def _compiled_image_text_loss_and_grad(loss_fn, n_global, dim):
+    """Compiles value_and_grad (w.r.t. img, txt, scale, bias) of the shard_map'ed loss."""
+    mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), ("data",))
+    rows = P("data")
+    mapped = jax.shard_map(lambda img, txt, scale, bias: loss_fn(img, txt, scale, bias)[0],
+                           mesh=mesh, in_specs=(rows, rows, P(), P()), out_specs=P())
+    step = jax.jit(jax.value_and_grad(mapped, argnums=(0, 1, 2, 3)))
+    z = jax.ShapeDtypeStruct((n_global, dim), jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    return step.lower(z, z, scalar, scalar).compile()
+
+
+def report_image_text(n_global=32768, dim=768, chunk_size=4096):
+    print(f"\nImage-text loss+grad, N={n_global}, d={dim}, {N_DEVICES} devices (per device)")
+    print(f"{'loss / variant':<34} {'GFLOPs':>10} {'temp GiB':>10} {'args GiB':>9} {'out GiB':>9}")
+    for impl in ("ppermute", "all_gather"):
+        def siglip(img, txt, log_t, bias, impl=impl):
+            return siglip_loss(img, txt, log_t, bias, axis_name="data", impl=impl)
+        compiled = _compiled_image_text_loss_and_grad(siglip, n_global, dim)
+        print(_row(f"siglip / {impl}", _figures(compiled)), flush=True)
+    for chunk in (None, chunk_size):
+        def clip(img, txt, logit_scale, _unused_bias, chunk=chunk):
+            return clip_loss(img, txt, logit_scale, chunk_size=chunk, axis_name="data")
+        compiled = _compiled_image_text_loss_and_grad(clip, n_global, dim)
+        label = "clip / dense" if chunk is None else f"clip / chunk_size={chunk}"
+        print(_row(label, _figures(compiled)), flush=True)
+    print("note: the ring's and the chunked GFLOPs undercount too (one scan body counted).")
+
+
 def main():
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}")
     report_second_moment_layouts()
     report_simclr_chunking()
+    report_image_text()
 
 
 if __name__ == "__main__":
