@@ -285,6 +285,27 @@ def corrupt_tfds(ctx: Context, damage: Callable[[str], None]) -> None:
     sources.TfdsSource("clrjax_bad_input_tiny", "train", data_dir)
 
 
+def csv_captioned_list(ctx: Context, header: str = "path,label,text", caption: str = "a digit") -> str:
+    """40 8x8 grayscale PNGs listed in a CSV with ``header``; every row's last cell is ``caption``."""
+    from PIL import Image
+
+    folder = ctx.path("captioned")
+    os.makedirs(folder, exist_ok=True)
+    rows = [header]
+    for k in range(40):
+        Image.fromarray(np.full((8, 8), k * 6, np.uint8)).save(os.path.join(folder, f"{k}.png"))
+        rows.append(f"{k}.png,{k % 2},{caption}")
+    path = os.path.join(folder, "list.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return path
+
+
+def train_on_captions(ctx: Context, path: str, **overrides) -> None:
+    train_on(ctx, ctx.fresh_workdir(), **{"dataset.name": "csv", "dataset.path": path, "dataset.channels": 1,
+                                         "dataset.image_size": 8, "dataset.caption_column": "text", **overrides})
+
+
 def truncate_half(path: str) -> None:
     with open(path, "rb") as f:
         raw = f.read()
@@ -436,6 +457,22 @@ CASES = [
          lambda c: train_on(c, c.saved_run(), **{"dataset.name": "fashion_mnist",
                                                  "dataset.data_dir": fashion_with_cut_gzip(c)}),
          "DataError", "train-images-idx3-ubyte.gz: cannot be read (EOFError"),
+    Case("caption_column_missing", "caption column not in the CSV/TSV list", "dataset.caption_column='text', "
+         "header path,label,caption",
+         lambda c: train_on_captions(c, csv_captioned_list(c, header="path,label,caption")),
+         "DataError", "but not config.dataset.caption_column='text'; name the caption column there"),
+    Case("caption_empty", "empty caption in the CSV/TSV list", "a caption cell of spaces",
+         lambda c: train_on_captions(c, csv_captioned_list(c, caption="  ")),
+         "DataError", "list.csv line 2: has an empty 'text' caption for '0.png'; write the caption"),
+    Case("caption_column_uncaptioned_dataset", "captions asked of a dataset without any",
+         "dataset.caption_column='caption' on digits",
+         lambda c: train_on(c, c.saved_run(), **{"dataset.caption_column": "caption"}),
+         "ConfigError", "config.dataset.caption_column is 'caption' but digits has no captions"),
+    Case("vocab_file_missing", "tokenizer vocabulary file does not exist",
+         "text.tokenizer='sentencepiece', text.vocab_file='/nonexistent/spm.model'",
+         lambda c: train_on(c, c.saved_run(), **{"text.tokenizer": "sentencepiece",
+                                                 "text.vocab_file": "/nonexistent/spm.model"}),
+         "ConfigError", "config.text.vocab_file is '/nonexistent/spm.model', which does not exist"),
     Case("tfds_not_prepared", "TFDS dataset missing", "cifar10, empty data_dir",
          lambda c: train_on(c, c.saved_run(), **{"dataset.name": "cifar10", "dataset.data_dir": c.path("empty")}),
          "DataError", "TFDS dataset 'cifar10' is not prepared in"),
