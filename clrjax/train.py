@@ -4,7 +4,8 @@ The trainer is generic: what runs in a step (networks, views, loss, method
 state, after-update hook) comes from the method (``clrjax.methods``; the
 interface is documented in ``clrjax/methods/base.py``), and this file names
 no method. One step (docs/DESIGN.md):
-  * ``method.num_views`` augmented views per image, on device; each example's
+  * the method's views of each example (``method.make_views``: by default
+    ``method.num_views`` augmented views per image), on device; each example's
     randomness is ``fold_in(fold_in(rng, step), global_example_index)`` so
     nothing depends on how many devices or processes share the batch;
   * the method's networks run under plain ``jax.jit`` on the global,
@@ -40,7 +41,7 @@ from clrjax import config as config_lib
 from clrjax import gradient_cache
 from clrjax import methods, metrics as metrics_lib, optim, parallel
 from clrjax import workdir_lock
-from clrjax.data import augment, datasets, pipeline, sources
+from clrjax.data import datasets, pipeline, sources
 
 
 class NonFiniteError(RuntimeError):
@@ -198,9 +199,9 @@ def make_grad_fn(exp: Experiment):
     sharded_loss = jax.shard_map(per_shard_loss, mesh=exp.mesh, in_specs=(rows, rows, P()),
                                  out_specs=(P(), P(), P()))
 
-    def forward(params, state, images, index, key):
-        """The method's networks on the augmented views of these examples -> (outputs, batch_stats)."""
-        views = augment.views(images, index, key, aug_cfg, method.num_views)
+    def forward(params, state, examples, key):
+        """The method's networks on its views of these examples -> (outputs, batch_stats)."""
+        views = method.make_views(examples, key, aug_cfg)
         variables = {"params": params, "batch_stats": state.batch_stats}
         return method.forward(model, variables, views, state.method_state, train=True)
 
@@ -214,7 +215,7 @@ def make_grad_fn(exp: Experiment):
 
     def full_batch_grads(state, batch, key):
         def objective(params):
-            outputs, batch_stats = forward(params, state, batch["image"], batch["index"], key)
+            outputs, batch_stats = forward(params, state, batch, key)
             total, aux = head(outputs, state, batch)
             return total, (batch_stats, aux)
 
@@ -224,11 +225,10 @@ def make_grad_fn(exp: Experiment):
     def cached_grads(state, batch, key):
         # Augmentation runs inside each micro-step: per-example keys make passes 1 and 3 see the same views.
         def micro_forward(params, micro):
-            return forward(params, state, micro["image"], micro["index"], key)
+            return forward(params, state, micro, key)
 
-        examples = {"image": batch["image"], "index": batch["index"]}
         (_, aux), grads, stats = gradient_cache.value_and_grad(
-            micro_forward, lambda outputs: head(outputs, state, batch), state.params, examples,
+            micro_forward, lambda outputs: head(outputs, state, batch), state.params, batch,
             num_micro, mesh=exp.mesh)
         # Every micro-batch updated the same running averages: their mean is one update with the
         # mean of the micro-batch statistics (see clrjax/gradient_cache.py on BatchNorm).
@@ -261,7 +261,8 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
     """Returns ``step(state, batch) -> (state, metrics)`` jitted over the mesh.
 
     ``batch`` holds 'image' uint8 [B,H,W,C], 'label' int32 [B] and 'index'
-    int32 [B] (global example counter), sharded over the batch axis.
+    int32 [B] (global example counter), and 'text' int32 [B, L] for image-text data
+    (:data:`MODEL_FIELDS`), sharded over the batch axis.
     """
     method, tx = exp.method, exp.tx
     grads_of = make_grad_fn(exp)
@@ -613,8 +614,14 @@ def _agreed_stop(should_stop, step: int, every: int) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(should_stop())))).any())
 
 
+# Per-example fields of a host batch that travel to the devices (the rest is host bookkeeping).
+# 'text': caption tokens int32 [B, L] of image-text data.
+MODEL_FIELDS = ("image", "label", "index", "text")
+
+
 def model_batch(batch: dict) -> dict:
-    return {"image": batch["image"], "label": batch["label"], "index": batch["index"]}
+    """The fields of a host batch the step reads, each with leading axis B (the batch's examples)."""
+    return {k: batch[k] for k in MODEL_FIELDS if k in batch}
 
 
 def _meta(loader, step: int, elapsed_s: float) -> dict:

@@ -4,10 +4,11 @@ A method owns its step's science; the trainer (``clrjax.train``) owns the
 loop, the mesh, checkpointing, the online probe, evaluation and logging, and
 knows no method. One step of the trainer, in terms of this interface::
 
-    views   = [augment(images, view=v) for v in range(method.num_views)]   # [B, V, H, W, C]
+    views   = method.make_views(examples, key, config.augment)   # default: [B, V, H, W, C],
+    #         V = num_views augmented views of batch['image']; any pytree with leading axis B
     outputs, batch_stats = method.forward(model, variables, views, method_state, train=True)
-    #         every output has leading axes [B, V]; 'features' and 'probe_logits'
-    #         feed the trainer's online probe, the rest is the method's business
+    #         'features' and 'probe_logits' (leading axes [B, ...]) feed the trainer's
+    #         online probe, the rest is the method's business
     loss, method_state, metrics = shard_map(method.loss)(
         {k: outputs[k] for k in method.loss_inputs}, batch, method_state,
         axis_name='data', **config.loss)                # per shard, named-axis collectives
@@ -27,6 +28,13 @@ What a method declares (override what differs from the defaults):
 ``uses_labels``     the loss reads ``batch['label']`` (SupCon, supervised)
 ``loss_inputs``     which model outputs the loss receives (default
                     ``('embeddings',)``)
+``make_views``      ``(examples, key, augment_config) -> views``: the networks'
+                    inputs from this batch's per-example fields ('image'
+                    uint8, 'index', 'label', 'text' tokens of image-text
+                    data); any pytree whose leaves have leading axis B
+                    (default: ``num_views`` augmented views [B, V, S, S, C];
+                    multi-crop: one array per resolution; image-text: the
+                    image views and the tokens)
 ``build_model``     the networks: ``(config, num_classes) -> flax Module``
                     whose ``__call__(x, train)`` returns a dict with at
                     least 'features' [n, F] and 'probe_logits' (default:
@@ -106,6 +114,20 @@ class Method:
                 for name, sub in params.items()}
 
     # ------------------------------------------------------------ the step
+
+    def make_views(self, examples, key, augment_config):
+        """The networks' inputs for these examples: ``num_views`` augmented views [B, V, S, S, C].
+
+        ``examples`` holds the per-example fields of (a micro-batch of) the global
+        batch, each with leading axis B; ``key`` is the step's key. Augmentation
+        randomness must come from ``fold_in(key, examples['index'])`` (as
+        :func:`clrjax.data.augment.views` does) so that the views do not depend on
+        how the batch is split over devices or micro-batches. Override for views of
+        several resolutions or for inputs besides images; the result may be any
+        pytree whose leaves have leading axis B, and is what ``forward`` receives.
+        """
+        from clrjax.data import augment  # local: keeps the interface module light
+        return augment.views(examples["image"], examples["index"], key, augment_config, self.num_views)
 
     def forward(self, model, variables, views, state, *, train: bool):
         """views [B, V, H, W, C] -> (outputs with leading [B, V], new batch_stats).
