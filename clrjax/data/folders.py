@@ -22,7 +22,10 @@ Layouts
   the list file. Labels that are all non-negative integers are used as they
   are (``num_classes`` = max + 1); otherwise they are class names, sorted
   (or ordered by ``dataset.class_names``). Captions are kept on the source
-  (``source.captions``) for image-text methods, not yielded.
+  (``source.captions``); with ``dataset.caption_column`` (the column's name)
+  they are what image-text training reads: every row needs one, rows naming
+  the same image are one example with all their captions, and a JSON list in
+  a cell is several (``source.captions_of``, ``clrjax/data/captions.py``).
 
 Splits
 ------

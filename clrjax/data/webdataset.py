@@ -12,8 +12,10 @@ or a directory (its ``*.tar`` files); ``{split}`` is replaced by the split
 name first. The shards are sorted by path. Inside a shard, consecutive files
 sharing a key (the member name up to the first dot of its base name) are one
 sample: ``key.jpg|jpeg|png|webp|bmp`` (the image; required), ``key.cls``
-(its label: an integer, or a class name), ``key.txt`` (a caption) and
-``key.json`` (metadata); other files are ignored.
+(its label: an integer, or a class name), ``key.txt`` (a caption; a JSON
+list of strings is several; read by image-text training with
+``dataset.caption_column = 'txt'``, which then requires a non-empty one per
+sample) and ``key.json`` (metadata); other files are ignored.
 
 Labels: ``.cls`` contents that are all non-negative integers are used as they
 are (``num_classes`` = max + 1); otherwise they are class names, sorted (or in

@@ -69,9 +69,10 @@ TEXT_PRESETS: Dict[str, Dict[str, Any]] = {
     # CLIP ViT-L/14's text tower (official clip/model.py build_model on the released weights:
     # transformer_width 768, heads 12, 12 layers).
     "clip_l": dict(vocab_size=49408, context_length=77, width=768, layers=12, heads=12),
-    # SigLIP B text tower (Zhai et al. 2023; big_vision text_transformer.py with variant 'B' and
-    # the released B/16 models): 12 layers, 768 wide, 12 heads, MLP 3072, exact GELU, a 32k
-    # SentencePiece vocabulary, 64 tokens, bidirectional attention (vit.Encoder, no causal mask).
+    # SigLIP B text tower (Zhai et al. 2023): big_vision models/proj/image_text/text_transformer.py
+    # with variant 'B' (vit.decode_variant: width 768, depth 12, heads 12, MLP 3072), its text run
+    # through the bidirectional vit.Encoder (no causal mask, exact GELU); vocabulary 32,000 and 64
+    # positions as the released B/16 models (HF transformers SiglipTextConfig defaults).
     "siglip_b": dict(vocab_size=32000, context_length=64, width=768, layers=12, heads=12,
                      causal=False, activation="gelu"),
 }
