@@ -127,7 +127,8 @@ def report_image_text(n_global=32768, dim=768, chunk_size=4096):
         compiled = _compiled_image_text_loss_and_grad(clip, n_global, dim)
         label = "clip / dense" if chunk is None else f"clip / chunk_size={chunk}"
         print(_row(label, _figures(compiled)), flush=True)
-    print("note: the ring's and the chunked GFLOPs undercount too (one scan body counted).")
+    print("note: the ring's and the chunked GFLOPs undercount too (one scan body counted); their\n"
+          "real FLOPs are the dense ones plus the forward that the remat body recomputes.")
 
 
 def main():
