@@ -346,3 +346,31 @@ def test_tfds_text_field_through_the_grain_reader():
     for s, rows in grain.items():
         for k, v in rows:
             assert v == captions.caption_choice(4, s // 3, [k], [VARIANTS])[0]
+
+
+# --------------------------------------------------------------------------- two real processes
+
+
+def test_text_travels_like_label_across_two_processes(tmp_path):
+    """launch/local.py: 2 processes x 4 CPU devices, jax.distributed on localhost; the global 'text'
+    array the devices hold equals the one-process loader's global batch."""
+    import subprocess
+    import sys
+
+    from tests.data.captions_worker import captioned_source
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "global.npz"
+    proc = subprocess.run([sys.executable, os.path.join(root, "launch", "local.py"), "--num_processes=2",
+                           "--devices_per_process=4", os.path.join(root, "tests", "data", "captions_worker.py"),
+                           f"--out={out}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = np.load(out)
+    with TrainLoader(captioned_source(), 16, 7, tokenizer=ByteTokenizer(24)) as loader:
+        for step in range(4):
+            want = next(loader)
+            for key in ("text", "label", "index"):
+                np.testing.assert_array_equal(got[f"{key}_{step}"], want[key])
+            texts = [ByteTokenizer().decode(row) for row in want["text"]]
+            ids = [int(t.split()[1]) for t in texts]
+            np.testing.assert_array_equal(ids, loader.local_rows(step))  # each row's own caption
