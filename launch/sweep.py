@@ -276,11 +276,46 @@ def last_error_line(log_path: str) -> str:
 # --------------------------------------------------------------------------- running locally
 
 
-def _start(run: Run) -> tuple:
+def nvidia_smi_gpus() -> list[str]:
+    """Indices of the machine's NVIDIA GPUs from ``nvidia-smi -L`` ("GPU 0: ..."); [] without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return re.findall(r"^GPU (\d+):", out, flags=re.M)
+
+
+def visible_gpus(environ=None, list_gpus=nvidia_smi_gpus) -> list[str]:
+    """The GPUs runs started here may use: CUDA_VISIBLE_DEVICES when set (it already narrows
+    what CUDA, and so JAX, sees), else every GPU nvidia-smi lists."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return list_gpus()
+
+
+def gpu_slots(gpus: Sequence[str], parallel: int, gpus_per_run: Optional[int] = None) -> Optional[list]:
+    """Disjoint GPU lists, one per concurrent run; None where nothing changes (no GPU, or one
+    run at a time given all of them). JAX preallocates most of each GPU it sees, so two runs
+    sharing one run out of memory."""
+    if not gpus or (parallel == 1 and gpus_per_run is None):
+        return None
+    if gpus_per_run is not None and gpus_per_run < 1:
+        raise SweepError(f"--gpus_per_run is {gpus_per_run}; pass 1 or more GPUs per run.")
+    per_run = gpus_per_run or len(gpus) // parallel
+    if per_run < 1 or per_run * parallel > len(gpus):
+        raise SweepError(f"--parallel={parallel} runs with {gpus_per_run or 'at least 1'} GPU(s) each need "
+                         f"{max(per_run, 1) * parallel} GPUs, but {len(gpus)} are visible ({','.join(gpus)}); "
+                         f"pass --parallel={max(1, len(gpus) // max(per_run, 1))} or a smaller --gpus_per_run.")
+    return [list(gpus[i * per_run:(i + 1) * per_run]) for i in range(parallel)]
+
+
+def _start(run: Run, gpus: Optional[Sequence[str]] = None) -> tuple:
     os.makedirs(run.workdir, exist_ok=True)
     log = open(os.path.join(run.workdir, LOG), "a")
+    env = None if gpus is None else dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(gpus))
     # Own session: our SIGTERM forwarding reaches each run exactly once.
-    proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     _write_json(os.path.join(run.workdir, STATUS), {
         "status": "running", "overrides": run.overrides, "command": shlex.join(run.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": proc.pid})
@@ -300,8 +335,12 @@ def _finish(run: Run, proc, log, started: float) -> str:
     return status
 
 
-def run_local(runs: Sequence[Run], parallel: int = 1, rerun_done: bool = False) -> dict:
-    """Runs ``parallel`` at a time; a failure is recorded and the rest go on. Returns {name: status}."""
+def run_local(runs: Sequence[Run], parallel: int = 1, rerun_done: bool = False,
+              slots: Optional[Sequence[Sequence[str]]] = None) -> dict:
+    """Runs ``parallel`` at a time; a failure is recorded and the rest go on. Returns {name: status}.
+
+    With ``slots`` (``gpu_slots``) each running run has one slot's GPUs as CUDA_VISIBLE_DEVICES.
+    """
     results = {}
     todo = []
     for run in runs:
@@ -312,6 +351,8 @@ def run_local(runs: Sequence[Run], parallel: int = 1, rerun_done: bool = False) 
         else:
             todo.append(run)
     active = {}  # name -> (run, proc, log, started)
+    free_slots = [list(slot) for slot in slots] if slots else None
+    slot_of = {}
     stopping = []
 
     def forward(signum, _frame):
@@ -327,12 +368,17 @@ def run_local(runs: Sequence[Run], parallel: int = 1, rerun_done: bool = False) 
             while todo and len(active) < parallel and not stopping:
                 run = todo.pop(0)
                 started_count += 1
-                print(f"[sweep] ({started_count}/{total}) start {run.name}", flush=True)
-                active[run.name] = (run, *_start(run))
+                gpus = free_slots.pop(0) if free_slots is not None else None
+                slot_of[run.name] = gpus
+                where = f" on GPUs {','.join(gpus)}" if gpus is not None else ""
+                print(f"[sweep] ({started_count}/{total}) start {run.name}{where}", flush=True)
+                active[run.name] = (run, *_start(run, gpus))
             for name in list(active):
                 run, proc, log, started = active[name]
                 if proc.poll() is not None:
                     del active[name]
+                    if free_slots is not None:
+                        free_slots.append(slot_of.pop(name))
                     results[name] = _finish(run, proc, log, started)
                     print(f"[sweep] {name}: {results[name]} (exit {proc.returncode}, "
                           f"{time.monotonic() - started:.0f} s)", flush=True)
@@ -352,47 +398,109 @@ def run_local(runs: Sequence[Run], parallel: int = 1, rerun_done: bool = False) 
 
 SLURM_ARRAY_TEMPLATE = """#!/bin/bash
 # Sweep {stem}: one SLURM array task per run, at most {parallel} at a time.
-# Submit: sbatch {path}    Resume after preemption/time-out: submit it again
-# (finished runs are skipped; the rest resume from their checkpoints).
+# Submit from the root of the clrjax checkout (the job runs in $SLURM_SUBMIT_DIR):
+#   sbatch {path}
+# Resume after preemption/time-out: submit it again (finished runs are skipped; the rest resume
+# from their checkpoints). Each task requeues itself: 120 s before its time limit SLURM sends
+# SIGTERM to the srun task (--signal without B:), sweep.py passes it to the run, which saves
+# and exits 75, and the task is requeued. Stop one so that it saves: scancel --signal=TERM JOB_TASK.
+# Written by launch/sweep.py --emit=slurm; resources from its --slurm_* options.
 #SBATCH --job-name=sweep-{stem}
 #SBATCH --array=0-{last}%{parallel}
-#SBATCH --nodes=1
-#SBATCH --ntasks=1
-#SBATCH --gpus-per-node=1
-#SBATCH --cpus-per-task=8
-#SBATCH --time=04:00:00
-#SBATCH --requeue
-#SBATCH --signal=B:TERM@120
+{resources}#SBATCH --requeue
+#SBATCH --signal=TERM@120
 #SBATCH --open-mode=append
 #SBATCH --output={root}/slurm-%A_%a.out
 set -uo pipefail
-cd {repo}
-# Activate the environment here if `python` is not the one with clrjax installed, e.g.
-# source .venv/bin/activate
+# The interpreter with clrjax installed: CLRJAX_PYTHON at submit time, else the one that wrote this.
+PYTHON="${{CLRJAX_PYTHON:-{python}}}"
+if [ ! -f launch/sweep.py ]; then
+  echo "error: no launch/sweep.py in $PWD; submit this script from the root of the clrjax checkout." >&2
+  exit 2
+fi
 RUNS=({names})
 RUN=${{RUNS[$SLURM_ARRAY_TASK_ID]}}
-# sweep.py records ROOT/$RUN/status.json and forwards SIGTERM so the run saves first.
-{python} launch/sweep.py run {sweep} --config={config} --workdir={root} --only="$RUN"{extra} &
+# sweep.py records ROOT/$RUN/status.json and passes SIGTERM on, so the run saves first.
+# srun makes the run a job step: SLURM signals it directly, and with several nodes JAX's SLURM
+# detection starts one process per node.
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" launch/sweep.py run {sweep} --config={config} \\
+    --workdir={root} --only="$RUN"{script}{extra} &
 child=$!
-trap 'kill -TERM $child; wait $child' TERM
-wait $child
+interrupted=0
+# Never signal srun itself (it would SIGKILL the run); ask SLURM to signal the step's tasks.
+trap 'interrupted=1; scancel --signal=TERM "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"' TERM
+wait "$child"
 rc=$?
-if [ $rc -eq 75 ]; then  # stopped by the signal after saving: requeue this array task to resume
+# A trap that ran during `wait` makes it return 128+15 while the run goes on: wait again for the
+# run's own status, so that a saved run's 75 requeues the task.
+while [ "$interrupted" = 1 ] && [ "$rc" -gt 128 ]; do
+  interrupted=0
+  wait "$child"
+  status=$?
+  [ "$status" -eq 127 ] || rc=$status  # 127: already waited for; keep its status
+done
+if [ "$rc" -eq 75 ]; then  # stopped by the signal after saving: requeue this array task to resume
   scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
 fi
 exit $rc
 """
 
 
+@dataclass
+class SlurmResources:
+    """The #SBATCH resource lines of the array script: each array task is one run."""
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    time: str = "04:00:00"
+    partition: str = ""
+    account: str = ""
+
+    def check(self) -> None:
+        if self.nodes < 1:
+            raise SweepError(f"--slurm_nodes is {self.nodes}; pass 1 or more nodes per run.")
+        if self.gpus_per_node < 0:
+            raise SweepError(f"--slurm_gpus_per_node is {self.gpus_per_node}; pass 0 (CPU) or more.")
+        if self.cpus_per_task < 1:
+            raise SweepError(f"--slurm_cpus_per_task is {self.cpus_per_task}; pass 1 or more.")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
+            raise SweepError(f"--slurm_time is {self.time!r}; pass a SLURM time such as 04:00:00, 90 or 1-00:00:00.")
+        for name in ("partition", "account"):
+            if not re.fullmatch(r"[A-Za-z0-9_.,-]*", getattr(self, name)):
+                raise SweepError(f"--slurm_{name} is {getattr(self, name)!r}; pass a plain SLURM name.")
+
+    def lines(self) -> str:
+        out = [f"--nodes={self.nodes}", "--ntasks-per-node=1"]
+        if self.gpus_per_node:
+            out.append(f"--gpus-per-node={self.gpus_per_node}")
+        out += [f"--cpus-per-task={self.cpus_per_task}", f"--time={self.time}"]
+        out += [f"--{name}={getattr(self, name)}" for name in ("partition", "account") if getattr(self, name)]
+        return "".join(f"#SBATCH {line}\n" for line in out)
+
+    def run_flags(self) -> list:
+        """With several nodes JAX's SLURM detection binds each process to GPU SLURM_LOCALID only;
+        one process per node must drive all of its GPUs (as in launch/slurm.sbatch)."""
+        if self.nodes > 1 and self.gpus_per_node > 1:
+            return ["--local_device_ids=" + ",".join(str(i) for i in range(self.gpus_per_node))]
+        return []
+
+
 def emit_slurm(runs: Sequence[Run], root: str, sweep_path: str, config_spec: str, extra: str,
-               parallel: int) -> str:
+               parallel: int, resources: Optional[SlurmResources] = None,
+               python: str = sys.executable, script: str = TRAIN_SCRIPT) -> str:
+    resources = resources or SlurmResources()
+    resources.check()
+    if not re.fullmatch(r"[A-Za-z0-9_./+-]+", python):
+        raise SweepError(f"--python is {python!r}; pass an interpreter path without spaces or quotes.")
+    extra = " ".join(a for a in [extra, shlex.join(resources.run_flags())] if a)
     path = os.path.join(root, "sweep_array.sbatch")
     os.makedirs(root, exist_ok=True)
     text = SLURM_ARRAY_TEMPLATE.format(
         stem=sweep_name(sweep_path), path=path, last=len(runs) - 1, parallel=max(1, parallel),
-        root=shlex.quote(os.path.abspath(root)), repo=shlex.quote(ROOT),
-        names=" ".join(shlex.quote(r.name) for r in runs), python="python",
+        resources=resources.lines(), root=shlex.quote(os.path.abspath(root)),
+        names=" ".join(shlex.quote(r.name) for r in runs), python=python,
         sweep=shlex.quote(sweep_path), config=shlex.quote(config_spec),
+        script="" if script == TRAIN_SCRIPT else f" --script={shlex.quote(script)}",
         extra=f" --extra={shlex.quote(extra)}" if extra else "")
     with open(path, "w") as f:
         f.write(text)
@@ -625,6 +733,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     run.add_argument("--only", default=None, help="run only the run with this name (used by the SLURM array)")
     run.add_argument("--rerun_done", action="store_true", help="also re-run runs whose status is done")
     run.add_argument("--script", default=TRAIN_SCRIPT, help="experiment script (default experiments/train.py)")
+    run.add_argument("--gpus_per_run", type=int, default=None,
+                     help="local runs on a GPU machine: GPUs each run gets (default: the visible GPUs / --parallel)")
+    slurm = run.add_argument_group("--emit=slurm", "resources of each array task (one run each)")
+    slurm.add_argument("--python", default=sys.executable,
+                       help="interpreter the job runs (default: this one; CLRJAX_PYTHON at submit time wins)")
+    defaults = SlurmResources()
+    slurm.add_argument("--slurm_nodes", type=int, default=defaults.nodes, help="nodes per run (one process each)")
+    slurm.add_argument("--slurm_gpus_per_node", type=int, default=defaults.gpus_per_node, help="0 for CPU runs")
+    slurm.add_argument("--slurm_cpus_per_task", type=int, default=defaults.cpus_per_task)
+    slurm.add_argument("--slurm_time", default=defaults.time, help="time limit per run, e.g. 04:00:00")
+    slurm.add_argument("--slurm_partition", default=defaults.partition)
+    slurm.add_argument("--slurm_account", default=defaults.account)
     col = sub.add_parser("collect", help="tabulate and plot the final metrics of a sweep's runs")
     col.add_argument("root", help="the sweep's --workdir")
     col.add_argument("--metric", default="pretrained.linear_top1", help="key of eval.json (dotted) or metrics.jsonl")
@@ -651,17 +771,23 @@ def command_run(args) -> int:
         for run in runs:
             print(shlex.join(run.argv))
         return 0
+    # Checked before anything is written: N local runs must not share GPUs.
+    slots = gpu_slots(visible_gpus(), min(args.parallel, len(runs)), args.gpus_per_run) \
+        if args.emit == "local" else None
     if args.only is None:  # array tasks share the manifest written when the job was emitted
         write_manifest(args.workdir, args.sweep, args.config, runs)
     if args.emit == "slurm":
-        path = emit_slurm(runs, args.workdir, args.sweep, args.config, args.extra, args.parallel)
+        resources = SlurmResources(args.slurm_nodes, args.slurm_gpus_per_node, args.slurm_cpus_per_task,
+                                   args.slurm_time, args.slurm_partition, args.slurm_account)
+        path = emit_slurm(runs, args.workdir, args.sweep, args.config, args.extra, args.parallel,
+                          resources, python=args.python, script=args.script)
         print(f"wrote {path}; submit it with: sbatch {path}")
         return 0
     if args.emit == "tpu":
         path = emit_tpu(runs, args.workdir)
         print(f"wrote {path}; run it with: TPU=<name> ZONE=<zone> bash {path}")
         return 0
-    results = run_local(runs, args.parallel, args.rerun_done)
+    results = run_local(runs, args.parallel, args.rerun_done, slots)
     failed = sorted(n for n, s in results.items() if s != "done")
     print(f"[sweep] {len(results) - len(failed)}/{len(results)} runs done"
           + (f"; not done: {', '.join(failed)}" if failed else "")

@@ -117,9 +117,24 @@ def test_cli_dry_run_and_cluster_emitters(tmp_path):
     assert slurm.returncode == 0, slurm.stderr
     script = tmp_path / "r" / "sweep_array.sbatch"
     text = script.read_text()
-    assert "#SBATCH --array=0-8%3" in text and "#SBATCH --signal=B:TERM@120" in text
+    assert "#SBATCH --array=0-8%3" in text and "#SBATCH --signal=TERM@120" in text
     assert '--only="$RUN"' in text and "scontrol requeue" in text
+    assert "#SBATCH --gpus-per-node=1" in text and "#SBATCH --time=04:00:00" in text  # defaults
+    assert f'PYTHON="${{CLRJAX_PYTHON:-{sys.executable}}}"' in text  # the emitting interpreter
+    assert "\ncd " not in text  # runs in $SLURM_SUBMIT_DIR, not in the checkout that emitted it
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+    custom = subprocess.run(base + ["--emit=slurm", "--python=/opt/env/bin/python", "--slurm_nodes=2",
+                                    "--slurm_gpus_per_node=4", "--slurm_cpus_per_task=16", "--slurm_time=1-00:00:00",
+                                    "--slurm_partition=gpu", "--slurm_account=proj"],
+                            capture_output=True, text=True, timeout=60)
+    assert custom.returncode == 0, custom.stderr
+    text = script.read_text()
+    for line in ("--nodes=2", "--gpus-per-node=4", "--cpus-per-task=16", "--time=1-00:00:00",
+                 "--partition=gpu", "--account=proj"):
+        assert f"#SBATCH {line}\n" in text
+    assert 'PYTHON="${CLRJAX_PYTHON:-/opt/env/bin/python}"' in text
+    assert "--extra=--local_device_ids=0,1,2,3" in text  # one process per node drives its 4 GPUs
 
     tpu = subprocess.run(base + ["--emit=tpu"], capture_output=True, text=True, timeout=60)
     assert tpu.returncode == 0, tpu.stderr
@@ -129,6 +144,62 @@ def test_cli_dry_run_and_cluster_emitters(tmp_path):
 
     bad = subprocess.run(base[:3] + [str(tmp_path / "missing.py")] + base[4:], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("nodes", 0, "--slurm_nodes"), ("gpus_per_node", -1, "--slurm_gpus_per_node"),
+    ("cpus_per_task", 0, "--slurm_cpus_per_task"), ("time", "4h", "--slurm_time"),
+    ("partition", "a b", "--slurm_partition"),
+])
+def test_bad_slurm_resources_fail_before_the_script_is_written(tmp_path, field, value, message):
+    resources = sweep.SlurmResources(**{field: value})
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.emit_slurm([], str(tmp_path), EXAMPLE, CONFIG, "", 1, resources)
+    assert not (tmp_path / "sweep_array.sbatch").exists()
+
+
+# --------------------------------------------------------------------------- GPUs of local runs
+
+
+def test_visible_gpus_come_from_cuda_visible_devices_else_nvidia_smi():
+    assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3, 5"}, list_gpus=lambda: ["0"]) == ["2", "3", "5"]
+    assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, list_gpus=lambda: ["0"]) == []
+    assert sweep.visible_gpus({}, list_gpus=lambda: ["0", "1"]) == ["0", "1"]
+
+
+@pytest.mark.parametrize("gpus, parallel, per_run, slots", [
+    ([], 4, None, None),                                       # CPU-only machine: nothing changes
+    (["0", "1", "2", "3"], 1, None, None),                     # one run at a time sees every GPU
+    (["0", "1", "2", "3"], 2, None, [["0", "1"], ["2", "3"]]),
+    (["0", "1", "2", "3", "4"], 2, None, [["0", "1"], ["2", "3"]]),
+    (["0", "1", "2", "3"], 2, 1, [["0"], ["1"]]),
+    (["4", "6"], 2, None, [["4"], ["6"]]),                      # ids of a narrowed CUDA_VISIBLE_DEVICES
+])
+def test_concurrent_local_runs_get_disjoint_gpus(gpus, parallel, per_run, slots):
+    assert sweep.gpu_slots(gpus, parallel, per_run) == slots
+
+
+@pytest.mark.parametrize("gpus, parallel, per_run", [(["0", "1"], 3, None), (["0", "1", "2", "3"], 2, 3)])
+def test_runs_that_cannot_get_their_own_gpus_are_refused(gpus, parallel, per_run):
+    with pytest.raises(sweep.SweepError, match=f"{len(gpus)} are visible.*--parallel="):
+        sweep.gpu_slots(gpus, parallel, per_run)
+
+
+def test_each_running_run_sees_its_slot_and_slots_are_reused(tmp_path):
+    code = "import os, time; print('gpus=' + os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(0.5)"
+    runs = [sweep.Run(f"r{i}", str(tmp_path / f"r{i}"), {"i": i}, [sys.executable, "-c", code]) for i in range(3)]
+    results = sweep.run_local(runs, parallel=2, slots=[["0", "1"], ["2", "3"]])
+    assert set(results.values()) == {"done"}
+    seen = [(tmp_path / f"r{i}" / "log.txt").read_text().strip() for i in range(3)]
+    assert seen[0] == "gpus=0,1" and seen[1] == "gpus=2,3" and seen[2] in ("gpus=0,1", "gpus=2,3")
+
+
+def test_cli_refuses_more_parallel_runs_than_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    proc = subprocess.run([sys.executable, SWEEP, "run", EXAMPLE, f"--config={CONFIG}", f"--workdir={tmp_path}/r",
+                           "--parallel=3"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "2 are visible (0,1); pass --parallel=2" in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written or started
 
 
 # --------------------------------------------------------------------------- running (fake commands)
