@@ -81,6 +81,16 @@ def text_field(source, tokenizer, seed: int, epoch: int, ids: np.ndarray,
     return tokenizer.encode_batch_counted(texts, length)
 
 
+def tokenizer_for(config):
+    """What the trainer passes to ``TrainLoader(tokenizer=)``: ``config.text``'s tokenizer when
+    ``config.dataset.caption_column`` is set (image-text data), else None (no 'text' field)."""
+    if not config.dataset.caption_column:
+        return None
+    from clrjax.data.tokenizers import get_tokenizer  # local: sentencepiece is imported only when used
+
+    return get_tokenizer(config.text)
+
+
 def check_captioned(source, tokenizer) -> None:
     """A tokenizer without captions to read is a configuration error: say which field to set."""
     if tokenizer is not None and not getattr(source, "has_captions", False):

@@ -229,8 +229,9 @@ _FIELDS = ("vocab_size", "context_length", "width", "layers", "heads", "mlp_rati
 def text_tower_kwargs(cfg: Mapping[str, Any], tokenizer=None) -> Dict[str, Any]:
     """The TextTransformer keyword arguments of ``cfg``: ``TEXT_PRESETS[cfg['preset']]``, then ``cfg``'s fields.
 
-    With a tokenizer (``clrjax.data.tokenizers``), its ``vocab_size``, ``pad_id`` and ``eot_id``
-    replace the preset's (the ids must match what the data pipeline writes) unless ``cfg`` sets them.
+    With a tokenizer (``clrjax.data.tokenizers``), its ``vocab_size``, ``pad_id``, ``eot_id`` and
+    ``context_length`` replace the preset's (they must match what the data pipeline writes)
+    unless ``cfg`` sets them.
     'dtype' may be a string ('float32', 'bfloat16').
     """
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
@@ -243,6 +244,8 @@ def text_tower_kwargs(cfg: Mapping[str, Any], tokenizer=None) -> Dict[str, Any]:
     kwargs = dict(TEXT_PRESETS[preset]) if preset else {}
     if tokenizer is not None:
         kwargs.update(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eos_id=tokenizer.eot_id)
+        if getattr(tokenizer, "context_length", None):
+            kwargs["context_length"] = int(tokenizer.context_length)
     kwargs.update(cfg)
     if isinstance(kwargs.get("dtype"), str):
         kwargs["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[kwargs["dtype"]]

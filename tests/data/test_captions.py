@@ -275,6 +275,14 @@ def test_array_source_captions():
         ArraySource(images[:2], np.zeros(2), captions=["a", " "])
 
 
+def test_tokenizer_for_the_trainer():
+    c = config_lib.base_config()
+    assert captions.tokenizer_for(c) is None
+    c.dataset.caption_column, c.text.context_length = "caption", 33
+    tok = captions.tokenizer_for(c)
+    assert isinstance(tok, ByteTokenizer) and tok.context_length == 33
+
+
 def _config(**fields):
     c = config_lib.base_config()
     for dotted, value in fields.items():

@@ -166,9 +166,10 @@ def test_siglip_b_is_bidirectional_768_wide():
 
 def test_tokenizer_ids_fill_the_preset():
     class Tok:
-        vocab_size, pad_id, eot_id = 300, 299, 298
+        vocab_size, pad_id, eot_id, context_length = 300, 299, 298, 40
     model = build_text_tower({"preset": "clip_b"}, Tok())
-    assert (model.vocab_size, model.pad_id, model.end_id) == (300, 299, 298)
+    assert (model.vocab_size, model.pad_id, model.end_id, model.context_length) == (300, 299, 298, 40)
+    assert build_text_tower({"preset": "clip_b", "context_length": 50}, Tok()).context_length == 50
 
 
 @pytest.mark.parametrize("cfg,message", [
