@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from clrjax import config as config_lib
-from clrjax import methods as methods_lib, parallel, train
+from clrjax import methods as methods_lib, parallel, state_sharding, train
 from clrjax.data import augment, pipeline
 
 # Dense (no sparsity) bf16 peak per JAX device, TFLOP/s, from the vendors' documents:
@@ -220,9 +220,13 @@ def compile_step_memory(config, mesh=None) -> dict:
     'temp_bytes' (activations and other temporaries), 'argument_bytes' (train
     state + batch), 'output_bytes', and 'total_bytes', their sum with the
     donated state counted once (the output state reuses the argument buffers).
+    'params_bytes', 'opt_state_bytes' and 'state_bytes' (the whole train state)
+    are what one device holds of them under ``config.sharding``, from the
+    leaves' shardings (clrjax/state_sharding.py).
     """
     exp = train.build_experiment(config, mesh)
     state = jax.eval_shape(lambda: train.init_train_state(exp))
+    shardings = train.train_state_shardings(exp)  # eval_shape's structs carry no sharding
     b, (h, w, c) = config.batch_size, exp.image_shape
     rows = parallel.batch_sharding(exp.mesh)
     batch = {"image": jax.ShapeDtypeStruct((b, h, w, c), jnp.uint8, sharding=rows),
@@ -233,6 +237,10 @@ def compile_step_memory(config, mesh=None) -> dict:
     cost = compiled_cost(compiled)
     state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state)) // exp.mesh.size
     return {"batch_size": b, "micro_batch_size": int(config.micro_batch_size), "devices": exp.mesh.size,
+            "sharding": str(config.sharding.mode),
+            "params_bytes": state_sharding.per_device_bytes(state.params, shardings.params),
+            "opt_state_bytes": state_sharding.per_device_bytes(state.opt_state, shardings.opt_state),
+            "state_bytes": state_sharding.per_device_bytes(state, shardings),
             "temp_bytes": cost["temp_size_in_bytes"], "argument_bytes": cost["argument_size_in_bytes"],
             "output_bytes": cost["output_size_in_bytes"],
             "total_bytes": cost["temp_size_in_bytes"] + cost["argument_size_in_bytes"]

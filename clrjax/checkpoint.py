@@ -35,11 +35,15 @@ walks the steps newest first, moves each damaged one aside to
 run's next save of that step number is not confused with it) and restores the
 newest intact step, or raises :class:`NoIntactCheckpointError`.
 
-Multi-process runs: the train state is replicated (clrjax/parallel.py), so
-process 0 checksums its own host copy and is the one process that writes the
-``meta`` JSON; every process verifies the arrays it restored, and the
-processes agree (an all-gather) on each step's verdict so that all of them
-fall back to the same step.
+Multi-process runs: process 0 checksums a host copy of the whole state and
+is the one process that writes the ``meta`` JSON; every process verifies the
+arrays it restored, and the processes agree (an all-gather) on each step's
+verdict so that all of them fall back to the same step. A replicated state is
+whole on every process; leaves of an FSDP state (``config.sharding``,
+clrjax/state_sharding.py) that span several processes are all-gathered to the
+host first, by every process at the same point (``state_sharding.host_copy``),
+so the checksums are the same whatever the layout and a checkpoint moves
+between replicated and sharded runs and across device counts.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clrjax import state_sharding
 # Each process reads the files itself; all of them must fall back to the same step.
 from clrjax.workdir_lock import all_processes_agree as _agreed
 
@@ -237,8 +242,8 @@ def _leaf_crc(value) -> str:
 def array_checksums(tree) -> dict:
     """``{'params.encoder.conv_0.kernel': {'crc32', 'shape', 'dtype'}, ...}`` of the host values.
 
-    The leaves must be addressable in full by this process: true of the
-    replicated train state (a sharded leaf would need per-shard checksums).
+    The leaves must be addressable in full by this process: pass a host copy
+    (``state_sharding.host_copy``) of a state sharded over several processes.
     """
     host = jax.device_get(tree)
     return {_path_name(p, "."): {"crc32": _leaf_crc(x), "shape": list(np.shape(x)), "dtype": str(np.asarray(x).dtype)}
@@ -369,8 +374,12 @@ class Checkpointer:
         save, so its failure surfaces here; the error then names both steps.
         """
         # Asked on every process: with a preemption policy the decision is a multi-host sync point.
-        if (force or self._manager.should_save(step)) and jax.process_index() == 0:
-            meta = seal_meta(meta, state)
+        if force or self._manager.should_save(step):
+            spans_processes = not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state))
+            if spans_processes or jax.process_index() == 0:
+                host = state_sharding.host_copy(state)  # then a collective: every process takes part
+                if jax.process_index() == 0:
+                    meta = seal_meta(meta, host)
         try:
             started = self._manager.save(
                 step,
@@ -400,7 +409,7 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
             except Exception as err:  # TensorStore/Orbax read errors of damaged files
                 raise _Damage(f"its arrays cannot be read ({_summary(err)})") from None
-            self._verify(step, restored["state"], record)
+            self._verify(step, state_sharding.host_copy(restored["state"]), record)
             intact.append(True)
         return restored["state"], meta
 

@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
 
     c.model = ml_collections.ConfigDict()  # encoder: name, dtype, and the model's own keyword arguments
-    c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base (switch with :PRESET,encoder=NAME)
+    c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base/large (switch with :PRESET,encoder=NAME)
     c.model.dtype = "float32"        # compute dtype ("bfloat16" keeps float32 parameters)
 
     c.projector = ml_collections.ConfigDict()  # projector MLP between encoder features and the loss
@@ -155,6 +155,11 @@ def _periodic_evals_config() -> ml_collections.ConfigDict:
 
 # Upper bounds of the counts and sizes (docs/BAD_INPUT.md, "Field ranges"). They are sanity bounds,
 # far beyond any published setting, so that a typo (an exponent too many) fails here instead of
+
+    c.sharding = ml_collections.ConfigDict()  # where the train state lives on the mesh (clrjax/state_sharding.py)
+    c.sharding.mode = "replicated"   # replicated: the whole state on every device | fsdp: large arrays split over them
+    c.sharding.min_size = 2**16      # fsdp: arrays with fewer elements than this stay replicated
+    c.profile_steps = ()             # (a, b): JAX profiler trace of steps a+1..b into <workdir>/profile; () = off
 # overflowing a counter or exhausting memory after compilation.
 MAX_COUNT = 2**31 - 1   # steps, intervals, example counts: the step counter and example indices are int32
 MAX_BATCH = 2**24       # images per step (the largest published contrastive batches are 32k-64k)
@@ -452,6 +457,25 @@ _UNIT = Num(lo=0, hi=1)
 _DECAY = Num(lo=0, hi=1, hi_open=True)
 _STEPS = "the step counter is int32"
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepRange(Spec):
+    """``()`` (off) or ``(a, b)``: whole numbers with 0 <= a < b, the steps a+1..b of the run."""
+
+    def problem(self, value):
+        if _is_sequence(value) and len(value) == 0:
+            return None
+        if not (_is_sequence(value) and len(value) == 2 and all(_is_int(v) for v in value)
+                and 0 <= value[0] < value[1] <= MAX_COUNT):
+            return "must be () or (a, b) with whole numbers 0 <= a < b (the steps a+1..b)"
+        return None
+
+    def default_fix(self) -> str:
+        return "'(10, 15)' (steps 11 to 15) or () for no trace"
+
+    def summary(self) -> str:
+        return "() or (a, b), whole numbers with 0 <= a < b"
+
+
 # Every field of base_config() but the open sections ``loss`` and ``model`` (checked against the
 # method's loss and the encoder), in base_config's order. tests/test_config_fuzz.py checks that
 # the table covers base_config and that every entry rejects wrong types, zeros, negatives, huge
@@ -581,6 +605,9 @@ def field_spec(field: str, default: Any = None) -> Spec:
     return Like(default=default)
 
 
+    "sharding.mode": Str(choices=("replicated", "fsdp")),
+    "sharding.min_size": Int(lo=1, fix="a positive integer such as 65536 (arrays with fewer elements stay replicated)"),
+    "profile_steps": StepRange(),
 def _show(value) -> str:
     """``repr`` on one line, shortened: what a message quotes of a bad value."""
     text = repr(_plain(value))
@@ -737,6 +764,8 @@ def _registered(field: str, name: Any, module: str, registry: str):
     """The entry called ``name`` in ``module.registry``; ConfigError listing the known names."""
     from clrjax.registry import UnknownNameError
 
+    if config.num_steps > 0:
+        check_profile_steps(config, config.num_steps)
     try:
         return getattr(importlib.import_module(module), registry).get(name)
     except UnknownNameError as err:
@@ -764,6 +793,15 @@ def _check_splits(config, dataset) -> None:
 
 # datasets read from config.dataset.path (clrjax/data/folders.py, clrjax/data/webdataset.py)
 FILE_DATASETS = ("image_folder", "csv", "tsv", "webdataset")
+
+
+def check_profile_steps(config, total_steps: int) -> None:
+    """The traced steps ``a+1..b`` of ``config.profile_steps`` must lie within the run's ``total_steps``."""
+    if len(config.profile_steps) == 2 and config.profile_steps[1] > total_steps:
+        a, b = config.profile_steps
+        _fail("profile_steps", f"is ({a}, {b}) but the run has only {total_steps} steps",
+              f"set --config.profile_steps to a range within them, e.g. '({min(a, max(0, total_steps - 1))}, "
+              f"{total_steps})'")
 
 
 def _check_file_dataset(config) -> None:

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
 from clrjax import gradient_cache
-from clrjax import methods, metrics as metrics_lib, optim, parallel
+from clrjax import methods, metrics as metrics_lib, optim, parallel, profiling, state_sharding
 from clrjax import workdir_lock
 from clrjax.data import datasets, pipeline, sources
 
@@ -126,6 +126,7 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
     image_shape = tuple(train_source.image_shape)
     _check_channels(config, image_shape)
     steps_per_epoch, total_steps = total_training_steps(config, len(train_source))
+    config_lib.check_profile_steps(config, total_steps)
     method = methods.get(config.method)
     model = method.build_model(config, train_source.num_classes)
     tx, schedule = build_optimizer(config, steps_per_epoch, total_steps, method)
@@ -151,7 +152,21 @@ def model_input_shape(exp: Experiment) -> tuple:
 
 
 def init_train_state(exp: Experiment) -> TrainState:
-    """Initial state, replicated over the mesh (same on every process: same seed)."""
+    """Initial state, laid out on the mesh by ``config.sharding`` (same on every process: same seed)."""
+    init_fn = _init_fn(exp)
+    return jax.jit(init_fn, out_shardings=_shardings_of(exp, jax.eval_shape(init_fn)))()
+
+
+def train_state_shardings(exp: Experiment):
+    """The NamedSharding of every leaf of the train state: replicated, or FSDP (clrjax/state_sharding.py)."""
+    return _shardings_of(exp, jax.eval_shape(_init_fn(exp)))
+
+
+def _shardings_of(exp: Experiment, abstract_state):
+    return state_sharding.config_shardings(abstract_state, exp.mesh, exp.config.sharding)
+
+
+def _init_fn(exp: Experiment):
     config = exp.config
     init_key, aug_key = jax.random.split(jax.random.PRNGKey(config.seed))
 
@@ -165,7 +180,7 @@ def init_train_state(exp: Experiment) -> TrainState:
             method_state=exp.method.init_state(config, variables),
             rng=aug_key, skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
-    return jax.jit(init_fn, out_shardings=parallel.replicated(exp.mesh))()
+    return init_fn
 
 
 # --------------------------------------------------------------------------- the step
@@ -266,9 +281,13 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
     """
     method, tx = exp.method, exp.tx
     grads_of = make_grad_fn(exp)
+    state_shardings = train_state_shardings(exp)
+    fsdp = exp.config.sharding.mode == "fsdp"
 
     def step_fn(state: TrainState, batch):
         grads, batch_stats, aux = grads_of(state, batch)
+        if fsdp:  # each device keeps its shard of the gradient: a reduce-scatter, not an all-reduce
+            grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
         method_state, loss_metrics, ssl_loss, probe_loss, probe_acc = aux
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
@@ -295,8 +314,8 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
     if not jit:
         return step_fn
     return jax.jit(step_fn,
-                   in_shardings=(parallel.replicated(exp.mesh), parallel.batch_sharding(exp.mesh)),
-                   out_shardings=(parallel.replicated(exp.mesh), parallel.replicated(exp.mesh)),
+                   in_shardings=(state_shardings, parallel.batch_sharding(exp.mesh)),
+                   out_shardings=(state_shardings, parallel.replicated(exp.mesh)),
                    donate_argnums=0)
 
 
@@ -305,7 +324,8 @@ def make_train_step(exp: Experiment, *, jit: bool = True):
 
 # Fields that change how a run is observed or saved but not what it computes:
 # they may differ between a run and its resumption without --allow_config_change.
-OPERATIONAL_FIELDS = ("log_every_steps", "checkpoint", "eval", "evals")
+# The state's layout (sharding) changes only the float32 summation order.
+OPERATIONAL_FIELDS = ("log_every_steps", "checkpoint", "eval", "evals", "sharding", "profile_steps")
 
 
 _ABSENT = "<absent>"
@@ -532,6 +552,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
     leaf_names = [name for name, _ in checked_leaves(state)]
 
     def check_finite(pending):
+    profiler = profiling.StepProfiler(config.profile_steps, workdir, enabled=main)
         _check_finite(pending, config.nonfinite.policy, config.nonfinite.max_consecutive_skips,
                       checkpointer, leaf_names)
 
@@ -543,7 +564,9 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
             batch = parallel.host_to_global(model_batch(next(loader)), exp.mesh)
             state, step_metrics = step_fn(state, batch)
             # Only metrics are kept: the state's buffers are donated to the next step.
+            profiler.before_step(step)
             previous, pending = pending, (step + 1, step_metrics)
+            profiler.after_step(step + 1, step_metrics)
             check_finite(previous)
             steps_since_log += 1
             done = step + 1
@@ -579,12 +602,14 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
     finally:
         loader.close()
         writer.close()
+        profiler.stop()
     return RunResult(state, exp, last_logged, int(jax.device_get(state.step)) - start, stopped_early)
 
 
 def encoder_variables_of(state: TrainState) -> dict:
-    """The variables the model's ``encode`` reads: params and BatchNorm statistics."""
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    """The variables the model's ``encode`` reads: params and BatchNorm statistics, replicated
+    (an FSDP state is gathered: evaluation encodes with whole parameters on every device)."""
+    return state_sharding.gathered({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def _periodic_evaluation(exp: Experiment):

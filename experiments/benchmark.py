@@ -10,6 +10,10 @@ COMMAND:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmark.py \
       --config=configs/simclr.py:imagenet,encoder=vit_base --config.batch_size=4096 \
       --mode=memory --memory_micro_batch=0,256 --memory_budget_gb=80
+  # parameters + optimizer state per device, replicated vs sharded (FSDP), compile-only
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmark.py \
+      --config=configs/simclr.py:imagenet,encoder=vit_large --config.batch_size=8 \
+      --config.optimizer.name=adamw --config.sharding.mode=fsdp --mode=memory
   # loss-only: forward+backward time and compiled temporary memory per (N, d)
   python experiments/benchmark.py --config=configs/simclr.py:digits --mode=loss \
       --loss_methods=simclr,barlow_twins --loss_batch=1024,4096 --loss_dims=128,2048 \
@@ -113,7 +117,8 @@ def _print_loss_row(r):
 
 def _print_memory_row(r):
     fits = "" if "fits" not in r else (" | fits" if r["fits"] else " | does not fit")
-    print(f"memory batch {r['batch_size']:>7} micro {r['micro_batch_size'] or '-':>5} | temp "
+    print(f"memory batch {r['batch_size']:>7} micro {r['micro_batch_size'] or '-':>5} | {r['sharding']} params "
+          f"{_fmt_bytes(r['params_bytes'])}/dev + optimizer {_fmt_bytes(r['opt_state_bytes'])}/dev | temp "
           f"{_fmt_bytes(r['temp_bytes'])}/dev | args {_fmt_bytes(r['argument_bytes'])}/dev | total "
           f"{_fmt_bytes(r['total_bytes'])}/dev | compile {r['compile_s']:.0f}s{fits}", flush=True)
 

@@ -123,4 +123,5 @@ ENCODERS = Registry("encoder", {
     "vit_tiny": "clrjax.models.vit:VIT_TINY",
     "vit_small": "clrjax.models.vit:VIT_SMALL",
     "vit_base": "clrjax.models.vit:VIT_BASE",
+    "vit_large": "clrjax.models.vit:VIT_LARGE",
 }, attribute="ENCODER")

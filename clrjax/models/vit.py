@@ -1,7 +1,7 @@
 """Vision Transformer (ViT) encoders, patch size 16, in the timm layout.
 
 Source: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), as
-implemented by timm's ``VisionTransformer`` (``vit_{tiny,small,base}_patch16_224``):
+implemented by timm's ``VisionTransformer`` (``vit_{tiny,small,base,large}_patch16_224``):
 learnable cls token and position embeddings, pre-LayerNorm blocks (eps 1e-6),
 fused qkv projection with bias, exact (erf) GELU MLP of ratio 4, final
 LayerNorm; the features are the final-LN cls token.
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from clrjax.models.encoders import Encoder, as_sizes
 
 PATCH_SIZE = 16
-# (hidden dim D, depth, heads); MLP dim is 4 D. timm vit_{tiny,small,base}_patch16_224.
+# (hidden dim D, depth, heads); MLP dim is 4 D. timm vit_{tiny,small,base,large}_patch16_224;
+# Base and Large are ViT-B and ViT-L of Dosovitskiy et al. (2021), Table 1.
 VIT_SPECS = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
@@ -48,6 +49,7 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    "large": (1024, 24, 16),
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
@@ -170,4 +172,4 @@ def _vit_entry(size: str) -> Encoder:
         doc=f"ViT-{size[0].upper()}/16 (timm layout)")
 
 
-VIT_TINY, VIT_SMALL, VIT_BASE = (_vit_entry(size) for size in ("tiny", "small", "base"))
+VIT_TINY, VIT_SMALL, VIT_BASE, VIT_LARGE = (_vit_entry(size) for size in ("tiny", "small", "base", "large"))

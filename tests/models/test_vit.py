@@ -25,6 +25,14 @@ def test_vit_base_param_count_matches_timm():
     assert _param_count(ViT(dim=768, depth=12, num_heads=12, num_classes=1000), 224) == 86_567_656
 
 
+def test_vit_large_param_count_matches_timm():
+    # timm vit_large_patch16_224 (1000-class head): 304,326,632 = patch embedding 787,456 + cls 1,024
+    # + positions 197 x 1,024 + 24 blocks x 12,596,224 + final norm 2,048 + head 1,025,000.
+    assert _param_count(ViT(dim=1024, depth=24, num_heads=16, num_classes=1000), 224) == 304_326_632
+    model = build_encoder({"name": "vit_large"})
+    assert (model.dim, model.depth, model.num_heads) == (1024, 24, 16) and num_features({"name": "vit_large"}) == 1024
+
+
 @pytest.mark.parametrize("name,expected", [("vit_tiny", 5_717_416), ("vit_small", 22_050_664)])
 def test_vit_tiny_small_param_counts_match_timm(name, expected):
     # timm vit_tiny_patch16_224: 5,717,416; vit_small_patch16_224: 22,050,664 (with 1000-class head).
