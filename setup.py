@@ -30,8 +30,8 @@ EXTRAS_REQUIRE = {
     "tf": ["tensorflow>=2.16"],
     # PyTorch is only needed to check the exported torchvision state_dict.
     "torch": ["torch>=2.4"],
-    # SentencePiece vocabularies for the text tower's tokenizer (clrjax/data/tokenizers.py).
-    "text": ["sentencepiece>=0.2"],
+    # SentencePiece and BPE (tokenizer.json) vocabularies for the text tokenizer (clrjax/data/tokenizers.py).
+    "text": ["sentencepiece>=0.2", "tokenizers>=0.15"],
 }
 
 setup(

@@ -61,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.caption_column = ""    # image-text data: csv/tsv caption column, webdataset 'txt'; "" = no captions
 
     c.text = ml_collections.ConfigDict()  # captions -> token ids, on the host (clrjax/data/tokenizers.py)
-    c.text.tokenizer = "bytes"       # bytes (UTF-8 + pad/sot/eot, no file) | sentencepiece (text.vocab_file)
-    c.text.vocab_file = ""           # sentencepiece: the trained .model file
+    c.text.tokenizer = "bytes"       # bytes (UTF-8 + pad/sot/eot, no file) | sentencepiece | bpe (text.vocab_file)
+    c.text.vocab_file = ""           # sentencepiece: the trained .model file; bpe: a tokenizers tokenizer.json
     c.text.context_length = 77       # tokens per caption incl. sot and eot (CLIP 77, SigLIP 64)
 
     c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
@@ -510,8 +510,8 @@ FIELD_SPECS = {
                                   fix="a positive integer such as 4096"),
     "dataset.host_crop": Str(choices=("center", "random")),
     "dataset.caption_column": Str(fix="the caption column of the csv/tsv list, or txt for webdataset (\"\" = none)"),
-    "text.tokenizer": Str(choices=("bytes", "sentencepiece")),
-    "text.vocab_file": Str(fix="a SentencePiece .model file (\"\" for the bytes tokenizer)"),
+    "text.tokenizer": Str(choices=("bytes", "sentencepiece", "bpe")),
+    "text.vocab_file": Str(fix="a SentencePiece .model or tokenizers tokenizer.json file (\"\" for bytes)"),
     "text.context_length": Int(lo=3, cap=MAX_WIDTH, why="the width bound",
                                fix="a whole number >= 3 (sot, a token, eot) such as 77"),
     "augment.crop_size": Int(lo=1, cap=MAX_SIDE, why="the image-side bound", fix="a positive integer such as 32"),
@@ -840,14 +840,15 @@ def _check_text(config) -> None:
     if column and name == "webdataset" and column != "txt":
         _fail("dataset.caption_column", f"is {column!r} but webdataset captions are the .txt members",
               "set --config.dataset.caption_column=txt")
-    if config.text.tokenizer == "sentencepiece":
+    kind = config.text.tokenizer
+    if kind in ("sentencepiece", "bpe"):
         vocab = config.text.vocab_file
+        what = "a SentencePiece .model file" if kind == "sentencepiece" else "a tokenizers tokenizer.json file"
         if not vocab:
-            _fail("text.vocab_file", "is empty but text.tokenizer is 'sentencepiece'",
-                  "set --config.text.vocab_file to a SentencePiece .model file (or text.tokenizer=bytes)")
+            _fail("text.vocab_file", f"is empty but text.tokenizer is {kind!r}",
+                  f"set --config.text.vocab_file to {what} (or text.tokenizer=bytes)")
         if not os.path.isfile(os.path.expanduser(vocab)):
-            _fail("text.vocab_file", f"is {vocab!r}, which does not exist",
-                  "set --config.text.vocab_file to a SentencePiece .model file")
+            _fail("text.vocab_file", f"is {vocab!r}, which does not exist", f"set --config.text.vocab_file to {what}")
 
 
 def _check_model(config) -> None:

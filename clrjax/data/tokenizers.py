@@ -19,6 +19,13 @@ Two, with one API (``vocab_size``, ``pad_id``, ``sot_id``, ``eot_id``,
   The model's own pad / bos / eos pieces are used when it defines them;
   missing ones get new ids after its pieces (so ``vocab_size`` may exceed
   the model's piece count by up to 3).
+* :class:`BpeTokenizer` (``text.tokenizer = 'bpe'``, ``text.vocab_file`` = a
+  local Hugging Face ``tokenizer.json``, e.g. the one CLIP's byte-level BPE
+  ships with on the Hub): the ``tokenizers`` package (``pip install
+  tokenizers``), Hugging Face's Rust tokenizer library, read offline from the
+  file. Start/end/pad are the file's ``<|startoftext|>`` / ``<|endoftext|>``
+  (CLIP), ``<s>`` / ``</s>``, ``[CLS]`` / ``[SEP]`` or ``<pad>`` / ``[PAD]``
+  tokens where it has them, else new ids after its vocabulary.
 
 ``encode_batch(texts, L)`` writes ``sot, tokens, eot`` and pads with
 ``pad_id`` to L; a text longer than ``L - 2`` tokens is cut so that eot is
@@ -33,7 +40,7 @@ from typing import List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-TOKENIZERS = ("bytes", "sentencepiece")
+TOKENIZERS = ("bytes", "sentencepiece", "bpe")
 MIN_CONTEXT = 3  # sot + at least one token + eot
 
 
@@ -144,6 +151,57 @@ class SentencePieceTokenizer(_Tokenizer):
         return {"tokenizer": "sentencepiece", "vocab_file": self.model_path, "context_length": self.context_length}
 
 
+_BPE_SPECIALS = {
+    "sot": ("<|startoftext|>", "<s>", "[CLS]", "<bos>"),
+    "eot": ("<|endoftext|>", "</s>", "[SEP]", "<eos>"),
+    "pad": ("<pad>", "[PAD]", "<|pad|>"),
+}
+
+
+class BpeTokenizer(_Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (module docstring); ``pip install tokenizers``."""
+
+    def __init__(self, path: str, context_length: int = 77):
+        try:
+            import tokenizers
+        except ImportError:
+            raise TokenizerError("text.tokenizer is 'bpe' but the tokenizers package is not installed; pip install "
+                                 "tokenizers, or set --config.text.tokenizer=bytes.") from None
+        file = os.path.expanduser(str(path))
+        if not os.path.isfile(file):
+            raise TokenizerError(f"config.text.vocab_file is {path!r}, which does not exist; set "
+                                 f"--config.text.vocab_file to a tokenizer.json file.")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(file)
+        except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception
+            raise TokenizerError(f"config.text.vocab_file {path!r} is not a tokenizers tokenizer.json "
+                                 f"({str(err).strip()[:200]}); point it at a tokenizer.json file.") from None
+        self.model_path = file
+        self.context_length = int(context_length)
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        extra = iter(range(size, size + 3))
+
+        def special(kind):
+            found = (self._tok.token_to_id(t) for t in _BPE_SPECIALS[kind])
+            return next((i for i in found if i is not None), None)
+        ids = {kind: special(kind) for kind in ("pad", "sot", "eot")}
+        self.pad_id, self.sot_id, self.eot_id = (ids[k] if ids[k] is not None else next(extra)
+                                                 for k in ("pad", "sot", "eot"))
+        self.vocab_size = max(size, self.pad_id + 1, self.sot_id + 1, self.eot_id + 1)
+        self._base_size = size
+
+    def encode(self, text: str) -> List[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        special = {self.pad_id, self.sot_id, self.eot_id}
+        return self._tok.decode([int(i) for i in ids if int(i) not in special and 0 <= int(i) < self._base_size],
+                                skip_special_tokens=True)
+
+    def settings(self) -> dict:
+        return {"tokenizer": "bpe", "vocab_file": self.model_path, "context_length": self.context_length}
+
+
 def _field(cfg, key: str, default):
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None else value
@@ -152,8 +210,9 @@ def _field(cfg, key: str, default):
 def get_tokenizer(cfg: Mapping) -> _Tokenizer:
     """The tokenizer of ``config.text`` (or of a whole config, whose ``text`` section is read).
 
-    Fields: ``tokenizer`` ('bytes' | 'sentencepiece'), ``vocab_file`` (sentencepiece: the
-    ``.model`` file), ``context_length`` (L of ``encode_batch`` and the text tower).
+    Fields: ``tokenizer`` ('bytes' | 'sentencepiece' | 'bpe'), ``vocab_file`` (sentencepiece: the
+    ``.model`` file; bpe: a ``tokenizer.json``), ``context_length`` (L of ``encode_batch`` and the
+    text tower).
     """
     if hasattr(cfg, "get") and cfg.get("text", None) is not None:
         cfg = cfg["text"]
@@ -161,11 +220,12 @@ def get_tokenizer(cfg: Mapping) -> _Tokenizer:
     length = int(_field(cfg, "context_length", 77))
     if kind == "bytes":
         return ByteTokenizer(length)
-    if kind == "sentencepiece":
+    if kind in ("sentencepiece", "bpe"):
         vocab = str(_field(cfg, "vocab_file", ""))
         if not vocab:
-            raise TokenizerError("config.text.tokenizer is 'sentencepiece' but config.text.vocab_file is empty; "
-                                 "set --config.text.vocab_file to a SentencePiece .model file.")
-        return SentencePieceTokenizer(vocab, length)
+            what = "a SentencePiece .model file" if kind == "sentencepiece" else "a tokenizer.json file"
+            raise TokenizerError(f"config.text.tokenizer is {kind!r} but config.text.vocab_file is empty; "
+                                 f"set --config.text.vocab_file to {what}.")
+        return (SentencePieceTokenizer if kind == "sentencepiece" else BpeTokenizer)(vocab, length)
     raise TokenizerError(f"config.text.tokenizer is {kind!r}, which is not supported; use one of "
                          f"{', '.join(TOKENIZERS)}.")

@@ -304,8 +304,11 @@ def _config(**fields):
     ({"text.context_length": 2},
      "config.text.context_length is 2 but must be a whole number >= 3; set --config.text.context_length to a "
      "whole number >= 3 (sot, a token, eot) such as 77."),
-    ({"text.tokenizer": "bpe"}, "config.text.tokenizer is 'bpe', which is not supported; use one of bytes, "
-                                "sentencepiece."),
+    ({"text.tokenizer": "wordpiece"}, "config.text.tokenizer is 'wordpiece', which is not supported; use one of "
+                                      "bytes, sentencepiece, bpe."),
+    ({"text.tokenizer": "bpe", "text.vocab_file": "/nonexistent/tokenizer.json"},
+     "config.text.vocab_file is '/nonexistent/tokenizer.json', which does not exist; set --config.text.vocab_file "
+     "to a tokenizers tokenizer.json file."),
 ])
 def test_text_config_validation(fields, message):
     with pytest.raises(config_lib.ConfigError) as err:

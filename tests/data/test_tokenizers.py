@@ -63,8 +63,8 @@ def test_get_tokenizer_from_config_sections():
 
 
 def test_get_tokenizer_bad_input(tmp_path):
-    with pytest.raises(TokenizerError, match="config.text.tokenizer is 'bpe', which is not supported"):
-        get_tokenizer({"tokenizer": "bpe"})
+    with pytest.raises(TokenizerError, match="config.text.tokenizer is 'wordpiece', which is not supported"):
+        get_tokenizer({"tokenizer": "wordpiece"})
     with pytest.raises(TokenizerError, match="config.text.vocab_file is empty"):
         get_tokenizer({"tokenizer": "sentencepiece", "vocab_file": ""})
 
@@ -115,3 +115,40 @@ def test_sentencepiece_missing_or_bad_file(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="is not a SentencePiece model"):
         SentencePieceTokenizer(str(bad))
+
+
+@pytest.fixture(scope="module")
+def bpe_file(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip install tokenizers)")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["a photo of a cat", "a small red shoe", "the dog on a sofa"] * 50, trainer)
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def test_bpe_round_trip_specials_and_truncation(bpe_file):
+    from clrjax.data.tokenizers import BpeTokenizer
+
+    tok = get_tokenizer({"tokenizer": "bpe", "vocab_file": bpe_file, "context_length": 128})
+    assert isinstance(tok, BpeTokenizer)
+    # CLIP's names: <|startoftext|> and <|endoftext|> are the file's ids 0 and 1; no pad token -> a new id
+    assert (tok.sot_id, tok.eot_id) == (0, 1) and tok.pad_id == tok.vocab_size - 1
+    ids = tok.encode_batch(TEXTS, 128)  # byte-level: any text, non-ASCII included, round trips
+    for row, text in zip(ids, TEXTS):
+        body, end = _body(row, tok)
+        assert tok.decode(body) == text and (row[end + 1:] == tok.pad_id).all()
+    cut, was_cut = tok.encode_batch_counted([TEXTS[1]], 6)
+    assert was_cut[0] and cut[0, -1] == tok.eot_id and list(cut[0, 1:-1]) == tok.encode(TEXTS[1])[:4]
+
+
+def test_bpe_missing_file(tmp_path):
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip install tokenizers)")
+    with pytest.raises(TokenizerError, match="which does not exist; set --config.text.vocab_file to a tokenizer.json"):
+        get_tokenizer({"tokenizer": "bpe", "vocab_file": str(tmp_path / "none.json")})
