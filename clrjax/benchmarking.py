@@ -235,12 +235,13 @@ def compile_step_memory(config, mesh=None) -> dict:
     t0 = time.perf_counter()
     compiled = train.make_train_step(exp).lower(state, batch).compile()
     cost = compiled_cost(compiled)
-    state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state)) // exp.mesh.size
+    # What one device holds of the state (all of it when replicated): the donated output aliases it.
+    state_bytes = state_sharding.per_device_bytes(state, shardings)
     return {"batch_size": b, "micro_batch_size": int(config.micro_batch_size), "devices": exp.mesh.size,
             "sharding": str(config.sharding.mode),
             "params_bytes": state_sharding.per_device_bytes(state.params, shardings.params),
             "opt_state_bytes": state_sharding.per_device_bytes(state.opt_state, shardings.opt_state),
-            "state_bytes": state_sharding.per_device_bytes(state, shardings),
+            "state_bytes": state_bytes,
             "temp_bytes": cost["temp_size_in_bytes"], "argument_bytes": cost["argument_size_in_bytes"],
             "output_bytes": cost["output_size_in_bytes"],
             "total_bytes": cost["temp_size_in_bytes"] + cost["argument_size_in_bytes"]

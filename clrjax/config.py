@@ -138,6 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = ml_collections.ConfigDict()  # what a NaN/Inf loss or gradient does
     c.nonfinite.policy = "stop"      # stop: stop at the first non-finite step; skip: drop that update
     c.nonfinite.max_consecutive_skips = 10  # with policy=skip, stop after this many skips in a row
+
+    c.sharding = ml_collections.ConfigDict()  # where the train state lives on the mesh (clrjax/state_sharding.py)
+    c.sharding.mode = "replicated"   # replicated: the whole state on every device | fsdp: large arrays split over them
+    c.sharding.min_size = 2**16      # fsdp: arrays with fewer elements than this stay replicated
+    c.profile_steps = ()             # (a, b): JAX profiler trace of steps a+1..b into <workdir>/profile; () = off
     return c
 
 
@@ -155,11 +160,6 @@ def _periodic_evals_config() -> ml_collections.ConfigDict:
 
 # Upper bounds of the counts and sizes (docs/BAD_INPUT.md, "Field ranges"). They are sanity bounds,
 # far beyond any published setting, so that a typo (an exponent too many) fails here instead of
-
-    c.sharding = ml_collections.ConfigDict()  # where the train state lives on the mesh (clrjax/state_sharding.py)
-    c.sharding.mode = "replicated"   # replicated: the whole state on every device | fsdp: large arrays split over them
-    c.sharding.min_size = 2**16      # fsdp: arrays with fewer elements than this stay replicated
-    c.profile_steps = ()             # (a, b): JAX profiler trace of steps a+1..b into <workdir>/profile; () = off
 # overflowing a counter or exhausting memory after compilation.
 MAX_COUNT = 2**31 - 1   # steps, intervals, example counts: the step counter and example indices are int32
 MAX_BATCH = 2**24       # images per step (the largest published contrastive batches are 32k-64k)
@@ -440,23 +440,6 @@ class Like(Spec):
         return f"a value like its default {self.default!r}"
 
 
-class _DatasetChannels(Int):
-    """1 or 3: the augmentation works on grayscale or RGB images; the message names the dataset."""
-
-    def check(self, field: str, value, config=None) -> None:
-        if self.problem(value) is not None:
-            name = config.dataset.name if config is not None else ""
-            reason = (f"{name} converts images to 1 or 3 channels" if name in FILE_DATASETS
-                      else "the augmentation takes 1 (grayscale) or 3 (RGB) channels")
-            _fail(field, f"is {_show(value)} but {reason}", f"set --config.{field}=1 (grayscale) or 3 (RGB)")
-
-
-_POSITIVE = Num(lo=0, lo_open=True)
-_NON_NEGATIVE = Num(lo=0)
-_UNIT = Num(lo=0, hi=1)
-_DECAY = Num(lo=0, hi=1, hi_open=True)
-_STEPS = "the step counter is int32"
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepRange(Spec):
     """``()`` (off) or ``(a, b)``: whole numbers with 0 <= a < b, the steps a+1..b of the run."""
@@ -474,6 +457,24 @@ class StepRange(Spec):
 
     def summary(self) -> str:
         return "() or (a, b), whole numbers with 0 <= a < b"
+
+
+class _DatasetChannels(Int):
+    """1 or 3: the augmentation works on grayscale or RGB images; the message names the dataset."""
+
+    def check(self, field: str, value, config=None) -> None:
+        if self.problem(value) is not None:
+            name = config.dataset.name if config is not None else ""
+            reason = (f"{name} converts images to 1 or 3 channels" if name in FILE_DATASETS
+                      else "the augmentation takes 1 (grayscale) or 3 (RGB) channels")
+            _fail(field, f"is {_show(value)} but {reason}", f"set --config.{field}=1 (grayscale) or 3 (RGB)")
+
+
+_POSITIVE = Num(lo=0, lo_open=True)
+_NON_NEGATIVE = Num(lo=0)
+_UNIT = Num(lo=0, hi=1)
+_DECAY = Num(lo=0, hi=1, hi_open=True)
+_STEPS = "the step counter is int32"
 
 
 # Every field of base_config() but the open sections ``loss`` and ``model`` (checked against the
@@ -574,6 +575,9 @@ FIELD_SPECS = {
     "evals.fewshot.seeds": Int(lo=1, cap=MAX_SEEDS, why="the draw bound", fix="a positive integer such as 3"),
     "nonfinite.policy": Str(choices=NONFINITE_POLICIES),
     "nonfinite.max_consecutive_skips": Int(lo=1, why=_STEPS, fix="a positive integer such as 10"),
+    "sharding.mode": Str(choices=("replicated", "fsdp")),
+    "sharding.min_size": Int(lo=1, fix="a positive integer such as 65536 (arrays with fewer elements stay replicated)"),
+    "profile_steps": StepRange(),
 }
 
 # The keyword arguments of the losses (config.loss), by name; a method's other keywords get
@@ -605,9 +609,6 @@ def field_spec(field: str, default: Any = None) -> Spec:
     return Like(default=default)
 
 
-    "sharding.mode": Str(choices=("replicated", "fsdp")),
-    "sharding.min_size": Int(lo=1, fix="a positive integer such as 65536 (arrays with fewer elements stay replicated)"),
-    "profile_steps": StepRange(),
 def _show(value) -> str:
     """``repr`` on one line, shortened: what a message quotes of a bad value."""
     text = repr(_plain(value))
@@ -732,6 +733,8 @@ def validate_config(config, *, num_devices: Optional[int] = None,
         _fail("batch_size", f"is {config.batch_size}, which {num_processes} processes do not divide",
               f"use a multiple of {num_processes}")
     _check_micro_batch(config, method, num_devices)
+    if config.num_steps > 0:
+        check_profile_steps(config, config.num_steps)
     _check_model(config)
     method.validate(config)
 
@@ -760,12 +763,19 @@ def _check_micro_batch(config, method, num_devices: Optional[int]) -> None:
               "(its forward pass mixes examples)", "set --config.micro_batch_size=0")
 
 
+def check_profile_steps(config, total_steps: int) -> None:
+    """The traced steps ``a+1..b`` of ``config.profile_steps`` must lie within the run's ``total_steps``."""
+    if len(config.profile_steps) == 2 and config.profile_steps[1] > total_steps:
+        a, b = config.profile_steps
+        _fail("profile_steps", f"is ({a}, {b}) but the run has only {total_steps} steps",
+              f"set --config.profile_steps to a range within them, e.g. '({min(a, max(0, total_steps - 1))}, "
+              f"{total_steps})'")
+
+
 def _registered(field: str, name: Any, module: str, registry: str):
     """The entry called ``name`` in ``module.registry``; ConfigError listing the known names."""
     from clrjax.registry import UnknownNameError
 
-    if config.num_steps > 0:
-        check_profile_steps(config, config.num_steps)
     try:
         return getattr(importlib.import_module(module), registry).get(name)
     except UnknownNameError as err:
@@ -793,15 +803,6 @@ def _check_splits(config, dataset) -> None:
 
 # datasets read from config.dataset.path (clrjax/data/folders.py, clrjax/data/webdataset.py)
 FILE_DATASETS = ("image_folder", "csv", "tsv", "webdataset")
-
-
-def check_profile_steps(config, total_steps: int) -> None:
-    """The traced steps ``a+1..b`` of ``config.profile_steps`` must lie within the run's ``total_steps``."""
-    if len(config.profile_steps) == 2 and config.profile_steps[1] > total_steps:
-        a, b = config.profile_steps
-        _fail("profile_steps", f"is ({a}, {b}) but the run has only {total_steps} steps",
-              f"set --config.profile_steps to a range within them, e.g. '({min(a, max(0, total_steps - 1))}, "
-              f"{total_steps})'")
 
 
 def _check_file_dataset(config) -> None:

@@ -550,9 +550,9 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
     progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
     evaluation = _periodic_evaluation(exp) if main else None
     leaf_names = [name for name, _ in checked_leaves(state)]
+    profiler = profiling.StepProfiler(config.profile_steps, workdir, enabled=main)
 
     def check_finite(pending):
-    profiler = profiling.StepProfiler(config.profile_steps, workdir, enabled=main)
         _check_finite(pending, config.nonfinite.policy, config.nonfinite.max_consecutive_skips,
                       checkpointer, leaf_names)
 
@@ -562,11 +562,11 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
     try:
         for step in range(start, end):
             batch = parallel.host_to_global(model_batch(next(loader)), exp.mesh)
-            state, step_metrics = step_fn(state, batch)
-            # Only metrics are kept: the state's buffers are donated to the next step.
             profiler.before_step(step)
-            previous, pending = pending, (step + 1, step_metrics)
+            state, step_metrics = step_fn(state, batch)
             profiler.after_step(step + 1, step_metrics)
+            # Only metrics are kept: the state's buffers are donated to the next step.
+            previous, pending = pending, (step + 1, step_metrics)
             check_finite(previous)
             steps_since_log += 1
             done = step + 1
@@ -600,9 +600,9 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
         check_finite(pending)
         checkpointer.wait()
     finally:
+        profiler.stop()
         loader.close()
         writer.close()
-        profiler.stop()
     return RunResult(state, exp, last_logged, int(jax.device_get(state.step)) - start, stopped_early)
 
 

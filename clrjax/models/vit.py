@@ -36,6 +36,7 @@ VIT_SPECS = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
+    "large": (1024, 24, 16),
 }
 
 _dense_init = nn.initializers.xavier_uniform()  # timm's init for every Linear
@@ -49,7 +50,6 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-    "large": (1024, 24, 16),
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
