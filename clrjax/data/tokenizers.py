@@ -63,6 +63,10 @@ class _Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def _ids(self, text: str) -> np.ndarray:
+        """``encode`` as an int array (what ``encode_batch`` writes; subclasses may do it faster)."""
+        return np.asarray(self.encode(text), np.int32)
+
     def encode_batch_counted(self, texts: Sequence[str], context_length: int) -> Tuple[np.ndarray, np.ndarray]:
         """(int32 [n, L] ids, bool [n] whether the row's text was cut to fit L)."""
         length = int(context_length)
@@ -72,7 +76,7 @@ class _Tokenizer:
         cut = np.zeros((len(texts),), bool)
         room = length - 2
         for row, text in enumerate(texts):
-            ids = self.encode(text)
+            ids = self._ids(text)
             cut[row] = len(ids) > room
             ids = ids[:room]
             out[row, 0] = self.sot_id
@@ -99,6 +103,9 @@ class ByteTokenizer(_Tokenizer):
 
     def encode(self, text: str) -> List[int]:
         return [b + 1 for b in text.encode("utf-8")]
+
+    def _ids(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + 1
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text; special ids are dropped, and a cut multi-byte character is replaced (U+FFFD)."""
