@@ -40,7 +40,8 @@ attn/out_proj, ln_2, mlp/c_fc, mlp/c_proj}``, ``ln_final``). Initialisation
 as CLIP's ``initialize_parameters``: token embedding N(0, 0.02^2),
 positional N(0, 0.01^2), attention in-projection std ``width^-0.5``, output
 projections std ``width^-0.5 (2 layers)^-0.5``, MLP input std
-``(2 width)^-0.5``; biases zero.
+``(2 width)^-0.5``; biases zero (CLIP's attention biases are zero too; its MLP biases keep
+PyTorch's default uniform init, which is not reproduced).
 
 Shapes: ``tokens`` int32 ``[n, L]`` with ``L <= context_length`` ->
 float32 ``[n, width]``.
