@@ -59,6 +59,7 @@ DATASETS = Registry("dataset", {
     "stl10": "clrjax.data.sources:STL10",
     "imagenette": "clrjax.data.sources:IMAGENETTE",
     "imagenet2012": "clrjax.data.sources:IMAGENET2012",
+    "coco_captions": "clrjax.data.sources:COCO_CAPTIONS",
     "image_folder": "clrjax.data.folders:IMAGE_FOLDER",
     "csv": "clrjax.data.folders:CSV",
     "tsv": "clrjax.data.folders:TSV",

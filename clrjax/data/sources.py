@@ -395,7 +395,8 @@ class TfdsSource:
       data_dir: TFDS data directory ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets).
       image_size: host output side; 0 = native (needs fixed-size images).
       num_threads: decode threads per request.
-      image_key, label_key: feature names.
+      image_key, label_key: feature names; label_key "" = unlabelled (label 0, one class:
+        image-text data such as ``coco_captions``).
       caption_key: image-text data (``dataset.caption_column``): the caption feature, '/' for
         nested ones (``captions/text`` in ``coco_captions``); a text or a sequence of texts per
         example. Read by :meth:`captions_of` from a second data source that skips decoding the
@@ -421,7 +422,7 @@ class TfdsSource:
         except Exception as e:  # tfds raises several types (AssertionError, DatasetNotFoundError, ...)
             raise DataError(f"cannot open TFDS dataset {tfds_name!r} split {split!r} in {data_dir} "
                             f"({type(e).__name__}: {str(e)[:300]}); {_tfds_build_hint(tfds_name, data_dir)}.") from e
-        _check_readable(self._ds, tfds_name, split, data_dir, (image_key, label_key))
+        _check_readable(self._ds, tfds_name, split, data_dir, (image_key, label_key) if label_key else (image_key,))
         features = self._ds.dataset_info.features
         self._image_key, self._label_key = image_key, label_key
         native = tuple(features[image_key].shape)
@@ -431,7 +432,7 @@ class TfdsSource:
             image_size = DEFAULT_VARIABLE_SIZE
         self._resize_to = int(image_size) if image_size and (variable or tuple(native[:2]) != (image_size,) * 2) else 0
         self.image_shape = ((self._resize_to,) * 2 if self._resize_to else tuple(native[:2])) + (channels,)
-        self.num_classes = int(features[label_key].num_classes)
+        self.num_classes = int(features[label_key].num_classes) if label_key else 1
         self._num_threads = max(1, int(num_threads))
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
@@ -492,7 +493,7 @@ class TfdsSource:
             image = image[..., None]
         if self._resize_to:
             image = center_crop_resize(image, self._resize_to)
-        return image.astype(np.uint8, copy=False), int(example[self._label_key])
+        return image.astype(np.uint8, copy=False), int(example[self._label_key]) if self._label_key else 0
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._pool_lock:
@@ -544,12 +545,15 @@ def _load_synthetic(dataset_cfg: Mapping[str, Any], split: str):
 
 
 def _tfds_dataset(name: str, tfds_name: str, native_shape: Optional[Tuple[int, int, int]],
-                  num_classes: int, doc: str) -> Dataset:
-    """A TFDS array_record dataset; ``native_shape`` None = variable-size images (host resize/crop)."""
+                  num_classes: int, doc: str, label_key: str = "label", caption_key: str = "") -> Dataset:
+    """A TFDS array_record dataset; ``native_shape`` None = variable-size images (host resize/crop).
+
+    ``caption_key``: the captions' feature when ``dataset.caption_column`` is empty (a captioned dataset).
+    """
     def load(dataset_cfg, split):
         return TfdsSource(tfds_name, split, _get(dataset_cfg, "data_dir", ""),
-                          image_size=int(_get(dataset_cfg, "image_size", 0)),
-                          caption_key=str(_get(dataset_cfg, "caption_column", "")))
+                          image_size=int(_get(dataset_cfg, "image_size", 0)), label_key=label_key,
+                          caption_key=str(_get(dataset_cfg, "caption_column", "")) or caption_key)
 
     def info(dataset_cfg):
         image_size = int(_get(dataset_cfg, "image_size", 0))
@@ -557,7 +561,8 @@ def _tfds_dataset(name: str, tfds_name: str, native_shape: Optional[Tuple[int, i
             return (image_size, image_size, 3), num_classes
         return (native_shape or (DEFAULT_VARIABLE_SIZE, DEFAULT_VARIABLE_SIZE, 3)), num_classes
 
-    return Dataset(name, load, info, doc=doc)
+    yields = ("image", "label", "caption") if caption_key else ("image", "label")
+    return Dataset(name, load, info, doc=doc, yields=yields)
 
 
 DIGITS = Dataset("digits", lambda cfg, split: load_digits(split), _digits_info, splits=("train", "test"),
@@ -575,6 +580,9 @@ CIFAR100 = _tfds_dataset("cifar100", "cifar100", (32, 32, 3), 100, "TFDS cifar10
 STL10 = _tfds_dataset("stl10", "stl10", (96, 96, 3), 10, "TFDS stl10 (array_record)")
 IMAGENETTE = _tfds_dataset("imagenette", "imagenette/320px-v2", None, 10, "TFDS imagenette/320px-v2")
 IMAGENET2012 = _tfds_dataset("imagenet2012", "imagenet2012", None, 1000, "TFDS imagenet2012 (manual download)")
+# COCO 2014 with 5+ captions per image; TFDS splits train / val / test / restval (Karpathy's split of val).
+COCO_CAPTIONS = _tfds_dataset("coco_captions", "coco_captions", None, 1, "TFDS coco_captions (image-text, unlabelled)",
+                              label_key="", caption_key="captions/text")
 
 
 def _entry(dataset_cfg: Mapping[str, Any]) -> Dataset:

@@ -385,3 +385,19 @@ def test_text_travels_like_label_across_two_processes(tmp_path):
             texts = [ByteTokenizer().decode(row) for row in want["text"]]
             ids = [int(t.split()[1]) for t in texts]
             np.testing.assert_array_equal(ids, loader.local_rows(step))  # each row's own caption
+
+
+def test_coco_captions_entry(tmp_path):
+    """Registered as unlabelled TFDS data with captions/text; offline it fails as unprepared, naming the fix."""
+    from clrjax.data import datasets
+
+    entry = datasets.get("coco_captions")
+    assert "caption" in entry.yields
+    with pytest.raises(DataError, match=r"TFDS dataset 'coco_captions' is not prepared in .*tfds build coco_captions"):
+        load_source({"name": "coco_captions", "data_dir": str(tmp_path), "caption_column": ""}, "train")
+    src = _fake_tfds(2)
+    src._label_key = ""  # unlabelled, as coco_captions: every label 0
+    assert src.decode(src._ds[1])[1] == 0
+    c = config_lib.base_config()
+    c.dataset.name = "coco_captions"
+    config_lib.validate_config(c)  # caption_column may stay empty: the entry names its feature
