@@ -242,8 +242,10 @@ def evaluate_encoder(model, variables, config, mesh) -> dict:
 
 
 def variables_of(state) -> dict:
-    """Host copies of the (replicated) encoder variables."""
-    return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    """Host copies of the encoder variables; a leaf sharded over several processes (FSDP) is
+    gathered, so every process calls this (clrjax/state_sharding.py ``host_copy``)."""
+    from clrjax import state_sharding  # local: the evaluation programs never shard anything
+    return state_sharding.host_copy({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def evaluate_run(result, include_random_init: bool = True) -> dict:
