@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_epochs = 10.0  # linear warmup length, then cosine decay
     c.optimizer.end_lr = 0.0         # learning rate at the end of the cosine decay
     c.optimizer.grad_clip_norm = 0.0  # global-norm gradient clipping; 0 = off
+    c.optimizer.freeze = ()          # parameter paths never updated, e.g. ('encoder/patch_embed',) (MoCo v3 ViT)
 
     c.probe = ml_collections.ConfigDict()  # online linear probe on stop-gradient features (its own optimizer)
     c.probe.lr = 1e-3                # online linear probe's Adam learning rate (own optimizer)
@@ -557,6 +558,8 @@ FIELD_SPECS = {
     "optimizer.warmup_epochs": Num(lo=0, cap=MAX_EPOCHS, why="the epoch bound"),
     "optimizer.end_lr": _NON_NEGATIVE,
     "optimizer.grad_clip_norm": Num(lo=0, fix="a positive value (0 = off)"),
+    "optimizer.freeze": Seq(item=Str(nonempty=True), what="'/'-separated parameter paths", unique=True,
+                            fix="'(\"encoder/patch_embed\",)' (a ViT's patch embedding) or () (nothing frozen)"),
     "probe.lr": _POSITIVE,
     "probe.weight_decay": _NON_NEGATIVE,
     "checkpoint.every_steps": Int(lo=1, why=_STEPS, fix="a positive integer such as 500"),
@@ -736,6 +739,7 @@ def validate_config(config, *, num_devices: Optional[int] = None,
     if config.num_steps > 0:
         check_profile_steps(config, config.num_steps)
     _check_model(config)
+    _check_frozen_paths(config, method)
     method.validate(config)
 
 
@@ -877,6 +881,32 @@ def _check_model(config) -> None:
         models.check_input_size(config.model.to_dict(), config.augment.crop_size)
     except ValueError as err:
         raise ConfigError(f"config.augment.crop_size is {config.augment.crop_size}: {err}") from None
+
+
+def _check_frozen_paths(config, method) -> None:
+    """Every ``optimizer.freeze`` path names parameters of the method's model (an abstract init:
+    shapes only, nothing computed), outside the online probe, which has its own optimizer."""
+    paths = tuple(config.optimizer.freeze)
+    if not paths:
+        return
+    import jax  # local: validation without frozen paths imports no JAX
+    from clrjax import optim
+
+    model = method.build_model(config, 2)  # parameter names do not depend on the class count
+    crop = config.augment.crop_size
+    dummy = jax.ShapeDtypeStruct((2, crop, crop, 3), "float32")
+    params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)["params"]
+    trained = {k: v for k, v in params.items() if k != "probe"}
+    for path in paths:
+        if path.strip("/").split("/")[0] == "probe":
+            _fail("optimizer.freeze", f"names {path!r}, the online probe, which config.optimizer does not train",
+                  "remove it (the probe's optimizer is config.probe)")
+        if not optim.frozen_leaf_paths(trained, (path.strip("/"),)):
+            hint = " (only ViT encoders have a patch embedding)" if path.endswith("patch_embed") else ""
+            example = f"encoder/{sorted(trained['encoder'])[0]}" if trained.get("encoder") else sorted(trained)[0]
+            _fail("optimizer.freeze", f"names {path!r}, but this {config.method} model with the "
+                  f"{config.model.name} encoder has no such parameters{hint}", f"name a module of it such as {example!r}, or set "
+                  "--config.optimizer.freeze='()' to freeze nothing")
 
 
 def loss_kwargs(config) -> dict:

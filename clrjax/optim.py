@@ -284,6 +284,8 @@ def sgd_l2(learning_rate, weight_decay: float = 0.0, momentum: float = 0.9,
 # Every field is required: the defaults live in clrjax.config.base_config().optimizer only.
 _FIELDS = ("name", "lr", "lr_scaling", "base_batch", "weight_decay", "momentum", "nesterov",
            "trust_coefficient", "b1", "b2", "warmup_epochs", "end_lr", "grad_clip_norm")
+# Optional fields and their defaults (added after the required ones; older configs lack them).
+_OPTIONAL_FIELDS = {"freeze": ()}
 
 
 def _as_dict(opt_cfg) -> dict:
@@ -310,7 +312,7 @@ def _check_in_range(cfg, field, lo, hi, hint, lo_open=False, hi_open=False):
 
 def _validated(opt_cfg) -> dict:
     cfg = _as_dict(opt_cfg)
-    unknown = sorted(set(cfg) - set(_FIELDS))
+    unknown = sorted(set(cfg) - set(_FIELDS) - set(_OPTIONAL_FIELDS))
     if unknown:
         raise ValueError(
             f"opt_cfg has unknown field(s) {unknown}; remove them (known fields: {sorted(_FIELDS)})."
@@ -319,6 +321,9 @@ def _validated(opt_cfg) -> dict:
         if field not in cfg:
             raise ValueError(f"opt_cfg.{field} is missing; set it "
                              "(every field is required, as in clrjax.config.base_config().optimizer).")
+    for field, default in _OPTIONAL_FIELDS.items():
+        cfg.setdefault(field, default)
+    cfg["freeze"] = _checked_paths(cfg["freeze"])
     if cfg["name"] not in OPTIMIZER_NAMES:
         raise ValueError(f"opt_cfg.name={cfg['name']!r} is unknown; use one of {OPTIMIZER_NAMES}.")
     if cfg["lr_scaling"] not in LR_SCALING_RULES:
@@ -361,6 +366,8 @@ def build_optimizer(
                          with steps_per_epoch and rounded to whole steps
       end_lr             absolute final learning rate of the cosine decay
       grad_clip_norm     clip gradients by global norm first; 0/None = off
+      freeze             optional, default (): parameter paths never updated
+                         (see `freeze`), e.g. ('encoder/patch_embed',)
 
     Returns:
       (optimizer, schedule): `schedule(step)` is the learning rate of update
@@ -395,4 +402,58 @@ def build_optimizer(
                                 weight_decay=cfg["weight_decay"], mask=weight_decay_mask)
     if cfg["grad_clip_norm"]:
         optimizer = optax.chain(optax.clip_by_global_norm(cfg["grad_clip_norm"]), optimizer)
+    if cfg["freeze"]:
+        # Outermost, so that clipping and weight decay never see the frozen leaves.
+        optimizer = freeze(optimizer, cfg["freeze"])
     return optimizer, schedule
+
+
+# ---------------------------------------------------------------------------
+# Frozen parameters
+# ---------------------------------------------------------------------------
+def _checked_paths(paths) -> tuple:
+    if isinstance(paths, str) or not isinstance(paths, (tuple, list)):
+        raise ValueError(f"opt_cfg.freeze must be a tuple of parameter paths such as "
+                         f"('encoder/patch_embed',), got {paths!r}.")
+    for path in paths:
+        if not isinstance(path, str) or not path.strip("/"):
+            raise ValueError(f"opt_cfg.freeze holds {path!r}; give '/'-separated parameter paths "
+                             "such as 'encoder/patch_embed'.")
+    return tuple(path.strip("/") for path in paths)
+
+
+def path_is_frozen(path, frozen) -> bool:
+    """Whether the leaf at `path` (a jax key path) lies under one of the `frozen` paths.
+
+    A frozen path names a module or a leaf by its '/'-joined names from the
+    root of the parameter tree: 'encoder/patch_embed' covers
+    'encoder/patch_embed/kernel' and '.../bias', not 'encoder/patch_embed_2'.
+    """
+    name = "/".join(_path_names(path))
+    return any(name == p or name.startswith(p + "/") for p in frozen)
+
+
+def frozen_leaf_paths(params, frozen) -> list:
+    """'/'-joined paths of the leaves of `params` that `frozen` covers."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return ["/".join(_path_names(path)) for path, _ in flat if path_is_frozen(path, frozen)]
+
+
+def freeze(tx: optax.GradientTransformation, frozen) -> optax.GradientTransformation:
+    """`tx` on every parameter except those under the `frozen` paths (see `path_is_frozen`).
+
+    Frozen leaves get a zero update (`optax.set_to_zero`), so they stay
+    bit-identical to their initial values, and `tx` never sees them: no
+    optimizer state, no weight decay, no share in gradient clipping. This is
+    PyTorch's ``requires_grad = False`` on a parameter that the optimizer then
+    skips, e.g. MoCo v3's frozen random patch projection (Chen, Xie & He 2021,
+    sec. 4.2; official ``vits.py``, ``stop_grad_conv1``: the patch
+    embedding's weight and bias).
+    """
+    frozen = _checked_paths(frozen)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if path_is_frozen(path, frozen) else "train", params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

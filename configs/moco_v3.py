@@ -9,8 +9,8 @@ Presets: digits, fashion_mnist, cifar10, cifar100, imagenet (or any registered d
 ,encoder=NAME to change the encoder (imagenet with a ViT encoder gets the paper's ViT recipe).
 The momentum encoder (EMA of encoder + projector) is method state, checkpointed and restored on
 resume; the online encoder is what is evaluated and exported. cifar10/cifar100 use the base
-config's values (no tuned recipe). Not implemented: the ViT recipe's frozen patch embedding
-(official --stop-grad-conv1).
+config's values (no tuned recipe). With a ViT encoder (any preset) the patch embedding is frozen
+at its random initialisation (config.optimizer.freeze; paper sec. 4.2, official --stop-grad-conv1).
 """
 from clrjax import presets
 
@@ -19,6 +19,11 @@ def get_config(arg=None):
     c = presets.build_config("moco_v3", arg, RECIPES, common=_defaults)
     if presets.parse_config_arg(arg)[0] == "imagenet" and c.model.name.startswith("vit"):
         _imagenet_vit(c)
+    if c.model.name.startswith("vit"):
+        # Sec. 4.2 "random patch projection": the patch projection stays at its random init, for
+        # stability; official vits.py (stop_grad_conv1) freezes proj.weight and proj.bias, and every
+        # ViT command of CONFIG.md passes --stop-grad-conv1.
+        c.optimizer.freeze = ("encoder/patch_embed",)
     return c
 
 

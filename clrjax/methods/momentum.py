@@ -71,8 +71,14 @@ def momentum_at(k, total_steps: int, base, final=1.0):
 
 
 def ema(target, online, tau):
-    """tau * target + (1 - tau) * online, leaf by leaf (same tree structure)."""
-    return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o.astype(t.dtype), target, online)
+    """tau * target + (1 - tau) * online, leaf by leaf (same tree structure).
+
+    Computed as target + (1 - tau) * (online - target): the same value, but a leaf
+    that equals its online twin stays bit-identical (a frozen parameter such as
+    MoCo v3's patch embedding, ``config.optimizer.freeze``), where the two-product
+    form could move it by a rounding error each step.
+    """
+    return jax.tree.map(lambda t, o: t + (1.0 - tau) * (o.astype(t.dtype) - t), target, online)
 
 
 def target_subtrees(tree):
