@@ -73,8 +73,11 @@ def gce_metadata(key: str) -> Optional[str]:
 
 def on_cloud_tpu_vm() -> bool:
     """What ``import jax`` concluded: TPU chips on the PCI bus and libtpu installed."""
-    from jax._src import cloud_tpu_init  # private, but it is the flag JAX's own TPU detection reads
-    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+    try:  # private, but it is the flag JAX's own TPU detection reads
+        from jax._src import cloud_tpu_init
+    except ImportError:  # a JAX that moved it: then GceTpuCluster moved too; pass the flags explicitly
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
 def _worker_count(worker_list: str) -> int:

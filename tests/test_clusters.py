@@ -147,3 +147,9 @@ def test_gce_metadata_asks_the_server_jax_asks(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_tpu_vm_flag_is_the_one_jax_set_at_import():
+    from jax._src import cloud_tpu_init
+    assert clusters.on_cloud_tpu_vm() is bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+    assert clusters.on_cloud_tpu_vm() is False  # no TPU chips on the test machine
