@@ -293,6 +293,7 @@ class _StepJob:
 
     def __init__(self, step, rows, futures, parts, offsets):
         self.step, self.rows, self.futures, self.parts, self.offsets = step, rows, futures, parts, offsets
+        self.text = None  # (tokens, cut) of ``rows``, made in the reader thread (image-text data)
 
 
 class _StreamReader(_Prefetcher):
@@ -516,12 +517,16 @@ class TrainLoader:
             return batch
         if ids is None:
             ids = self.local_rows(step)
-        text, cut = captions_lib.text_field(self.source, self.tokenizer, self.seed,
-                                            int(step) // self.steps_per_epoch, ids)
-        batch["text"] = text
+        batch["text"], cut = self._text_of(step, ids)
+        self._count_cut(cut)
+        return batch
+
+    def _text_of(self, step: int, ids: np.ndarray):
+        return captions_lib.text_field(self.source, self.tokenizer, self.seed, int(step) // self.steps_per_epoch, ids)
+
+    def _count_cut(self, cut: np.ndarray) -> None:
         with self._perm_lock:
             self.captions_cut += int(cut.sum())
-        return batch
 
     # -- the stream reader (streaming sources)
 
@@ -544,7 +549,10 @@ class TrainLoader:
         futures = [(lo, pool.submit(data[lo:lo + chunk], source.image_size, source.channels, source.image_shape,
                                     None if offsets is None else offsets[lo:lo + chunk]))
                    for lo in range(0, len(data), chunk)]
-        return _StepJob(step, np.concatenate(rows), futures, where, offsets)
+        job = _StepJob(step, np.concatenate(rows), futures, where, offsets)
+        if self.tokenizer is not None:  # here, in the reader thread, not in the consumer's next()
+            job.text = self._text_of(step, job.rows)
+        return job
 
     def _finish_step(self, job: _StepJob) -> Batch:
         source = self.source
@@ -556,8 +564,17 @@ class TrainLoader:
             images[lo:lo + len(out)] = out
             for row, kind, problem in failures:
                 images[lo + row], labels[lo + row], ids[lo + row] = self._replacement(job, lo + row, kind, problem)
-        batch = {"image": images, "label": labels, "index": self.local_counters(job.step), "id": ids}
-        return self._add_text(batch, job.step)
+        batch = {"image": images, "label": labels, "index": self.local_counters(job.step)}
+        if job.text is None:
+            return batch
+        text, cut = job.text
+        replaced = np.flatnonzero(ids != job.rows)
+        if len(replaced):  # images replaced with on_error='skip' bring their own captions
+            text, cut = text.copy(), cut.copy()
+            text[replaced], cut[replaced] = self._text_of(job.step, ids[replaced])
+        batch["text"] = text
+        self._count_cut(cut)
+        return batch
 
     def _replacement(self, job: _StepJob, row: int, kind: str, problem: str):
         """on_error='skip': the next example of the row's shuffle block (cyclically) that decodes."""

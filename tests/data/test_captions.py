@@ -72,7 +72,7 @@ def _write_table(path, images_dir, delimiter=",", column="caption", multi="rows"
     return path
 
 
-def _write_shards(root, sizes=(7, 9, 8), json_every=2):
+def _write_shards(root, sizes=(7, 9, 8), json_every=2, corrupt=()):
     """Tar shards key.png + key.cls + key.txt; every second .txt is a JSON list of all captions, else one."""
     os.makedirs(root, exist_ok=True)
     k = 0
@@ -82,7 +82,8 @@ def _write_shards(root, sizes=(7, 9, 8), json_every=2):
                 key = f"{k:06d}"
                 text = ("[" + ", ".join(f'"{_caption(k, v)}"' for v in range(VARIANTS)) + "]"
                         if k % json_every == 0 else _caption(k, 0))
-                for name, data in ((f"{key}.png", _png(k)), (f"{key}.cls", str(k % 3).encode()),
+                image = b"not a png" if k in corrupt else _png(k)
+                for name, data in ((f"{key}.png", image), (f"{key}.cls", str(k % 3).encode()),
                                    (f"{key}.txt", text.encode("utf-8"))):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -235,6 +236,17 @@ def test_tar_text_field_per_process_count_and_resume(tmp_path):
             for k, v in rows:
                 counts = VARIANTS if k % 2 == 0 else 1
                 assert v == captions.caption_choice(2, s // 3, [k], [counts])[0]
+
+
+def test_tar_caption_follows_a_replaced_image(tmp_path):
+    """on_error=skip: the stream replaces an undecodable image by another sample; _stream checks that every
+    row's caption names the image the row holds, and sample 5 never appears."""
+    pattern = _write_shards(str(tmp_path / "shards"), corrupt={5})
+    src = load_source(_cfg(pattern, name="webdataset", caption_column="txt", on_error="skip"), "train")
+    for processes in (1, 2):
+        rows = _stream(src, 8, seed=0, steps=3, process_count=processes, prefetch=2)
+        assert 5 not in {k for step in rows.values() for k, _ in step}
+    assert src.num_skipped == 1
 
 
 def test_tar_missing_or_empty_txt_and_wrong_column(tmp_path):
