@@ -79,6 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.solarize_threshold = 0.5  # pixels >= this (in [0, 1]) become 1 - x (BYOL)
     c.augment.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after augmentation)
     c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
+    # Multi-crop (Caron et al. 2020, SwAV sec. 3.2; clrjax/methods/multicrop.py): the 2 views become
+    # global crops of crop_size px, plus num_local local crops; 0 = off (the 2 views above, unchanged).
+    c.augment.multicrop = ml_collections.ConfigDict()
+    c.augment.multicrop.num_local = 0  # V local crops per image (SwAV ImageNet: 6; 0 = no multi-crop)
+    c.augment.multicrop.local_size = 96  # local crop side in pixels (SwAV: 96)
+    c.augment.multicrop.local_scale = (0.05, 0.14)  # local crop area fraction (SwAV)
+    c.augment.multicrop.global_scale = (0.14, 1.0)  # global crop area fraction (SwAV; replaces crop_scale)
+    c.augment.multicrop.local_blur_prob = 0.5  # blur probability of a local crop (SwAV, DINO: 0.5)
+    c.augment.multicrop.local_solarize_prob = 0.0  # solarisation probability of a local crop (SwAV, DINO: 0)
 
     c.model = ml_collections.ConfigDict()  # encoder: name, dtype, and the model's own keyword arguments
     c.model.name = "cnn_small"       # encoder: cnn_small, resnet18/34/50, vit_tiny/small/base/large (switch with :PRESET,encoder=NAME)
@@ -532,6 +541,14 @@ FIELD_SPECS = {
     "augment.std": Seq(item=Num(lo=0, hi=1, lo_open=True), min_len=1,
                        what="per-channel stds of pixels / 255",
                        fix="the per-channel stds of pixels / 255 such as '(0.229, 0.224, 0.225)'"),
+    "augment.multicrop.num_local": Int(lo=0, cap=64, why="the crop-count bound",
+                                       fix="a whole number such as 6 (0 = no multi-crop)"),
+    "augment.multicrop.local_size": Int(lo=1, cap=MAX_SIDE, why="the image-side bound",
+                                        fix="a positive integer smaller than crop_size such as 96"),
+    "augment.multicrop.local_scale": Pair(lo=0, hi=1, fix="'(0.05, 0.14)'"),
+    "augment.multicrop.global_scale": Pair(lo=0, hi=1, fix="'(0.14, 1.0)'"),
+    "augment.multicrop.local_blur_prob": Probability(),
+    "augment.multicrop.local_solarize_prob": Probability(),
     "projector.hidden_dims": Seq(item=Int(lo=1, cap=MAX_WIDTH, why="the MLP-width bound"), max_len=MAX_LAYERS,
                                  what="positive layer widths", fix="layer widths such as '(2048,)'"),
     "projector.out_dim": Int(lo=1, cap=MAX_WIDTH, why="the MLP-width bound", fix="a positive integer such as 128"),
@@ -739,6 +756,7 @@ def validate_config(config, *, num_devices: Optional[int] = None,
     if config.num_steps > 0:
         check_profile_steps(config, config.num_steps)
     _check_model(config)
+    _check_multicrop(config, method)
     _check_frozen_paths(config, method)
     method.validate(config)
 
@@ -793,6 +811,30 @@ def _check_views(config, method) -> None:
         if len(values) < method.num_views:
             _fail(f"augment.{field}", f"has {len(values)} values but {config.method} uses {method.num_views} "
                   "views", f"give one probability per view, e.g. --config.augment.{field}='{(0.5,) * method.num_views}'")
+
+
+def _check_multicrop(config, method) -> None:
+    """Local crops only for a method that compares them, with sensible scales and a size the encoder takes."""
+    mc = config.augment.multicrop
+    if mc.num_local == 0:
+        return
+    if not method.supports_multicrop:
+        _fail("augment.multicrop.num_local", f"is {mc.num_local} but the {config.method} method does not "
+              "support multi-crop (byol, moco_v3, simclr and supcon do)", "set --config.augment.multicrop.num_local=0")
+    if mc.local_scale[1] > mc.global_scale[1]:
+        _fail("augment.multicrop.local_scale", f"is {tuple(mc.local_scale)} but local crops may not cover more of "
+              f"the image than the global crops (global_scale {tuple(mc.global_scale)})",
+              "set it below global_scale, e.g. '(0.05, 0.14)' with global_scale '(0.14, 1.0)'")
+    if mc.local_size > config.augment.crop_size:
+        _fail("augment.multicrop.local_size", f"is {mc.local_size} but local crops must not be larger than the "
+              f"global crops (augment.crop_size={config.augment.crop_size})",
+              f"set it to at most {config.augment.crop_size}, e.g. {max(1, (3 * config.augment.crop_size) // 7)}")
+    from clrjax import models  # local: the encoder says which input sides it takes
+
+    try:
+        models.check_input_size(config.model.to_dict(), mc.local_size)
+    except ValueError as err:
+        raise ConfigError(f"config.augment.multicrop.local_size is {mc.local_size}: {err}") from None
 
 
 def _check_splits(config, dataset) -> None:

@@ -56,6 +56,9 @@ What a method declares (override what differs from the defaults):
 ``param_labels``    optimizer group of every parameter: 'ssl' (the
                     method's optimizer), 'probe' (the probe's Adam) or
                     'frozen' (no update, no optimizer state)
+``supports_multicrop``  whether the loss takes multi-crop outputs [B, 2 + V, ...]
+                    (``config.augment.multicrop.num_local`` > 0; default False;
+                    see :mod:`clrjax.methods.multicrop`)
 ``supports_gradient_cache``  whether ``forward`` treats examples
                     independently (BatchNorm aside), so that gradient
                     caching (``config.micro_batch_size``) may run it on
@@ -93,6 +96,7 @@ class Method:
     uses_labels: bool = False
     loss_inputs: Tuple[str, ...] = ("embeddings",)
     supports_gradient_cache: bool = True
+    supports_multicrop: bool = False
 
     # ------------------------------------------------------------ networks and state
 
@@ -125,8 +129,15 @@ class Method:
         how the batch is split over devices or micro-batches. Override for views of
         several resolutions or for inputs besides images; the result may be any
         pytree whose leaves have leading axis B, and is what ``forward`` receives.
+        With ``augment.multicrop.num_local`` > 0: the global and local crops of
+        :func:`clrjax.methods.multicrop.make_views`.
         """
         from clrjax.data import augment  # local: keeps the interface module light
+        from clrjax.methods import multicrop
+
+        crops = multicrop.settings(augment_config)
+        if crops is not None:
+            return multicrop.make_views(examples, key, augment_config, crops)
         return augment.views(examples["image"], examples["index"], key, augment_config, self.num_views)
 
     def forward(self, model, variables, views, state, *, train: bool):
@@ -137,9 +148,15 @@ class Method:
 
         All views go through the networks as one batch (rows of example b are
         adjacent, so each device keeps its own rows and BatchNorm statistics
-        are those of every view of the global batch).
+        are those of every view of the global batch). Multi-crop views go
+        through :func:`clrjax.methods.multicrop.forward` (the encoder once per
+        resolution), giving outputs [B, 2 + V, ...].
         """
         del state
+        from clrjax.methods import multicrop
+
+        if multicrop.is_multicrop(views):
+            return multicrop.forward(model, variables, views, train=train)
         b, v = views.shape[:2]
         flat = views.reshape((b * v,) + views.shape[2:])
         if train:

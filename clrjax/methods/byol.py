@@ -14,9 +14,15 @@ exported (``params['encoder']``); the target never is.
 Loss (:func:`clrjax.losses.byol_loss`, eq. 2 symmetrised): the mean over the
 global batch of (2 - 2 cos(q(z_a), t_b)) + (2 - 2 cos(q(z_b), t_a)), with
 t the target's projections (stop-gradient).
+
+Multi-crop (``config.augment.multicrop``): the online network runs on every
+crop, the target only on the two global crops, and the loss is
+:func:`clrjax.losses.multicrop.byol_multicrop_loss` over the crop pairs.
 """
 from clrjax.losses.byol import byol_loss
+from clrjax.losses.multicrop import byol_multicrop_loss
 from clrjax.methods.momentum import PredictorMethod
 
 METHOD = PredictorMethod(name="byol", loss_fn=byol_loss, loss_inputs=("predictions", "targets"),
+                         supports_multicrop=True, multicrop_loss_fn=byol_multicrop_loss,
                          source="Grill et al. 2020, sec. 3.1 eq. 2 (loss), sec. 3.2 (momentum schedule)")

@@ -16,9 +16,15 @@ InfoNCE of each online prediction against the momentum keys of the other view
 of the whole global batch (all-gathered; negatives = the global batch),
 temperature ``config.loss.temperature``, scaled by 2T as in the official code.
 No memory queue (that is MoCo v2).
+
+Multi-crop (``config.augment.multicrop``): queries from every crop, keys from
+the momentum encoder on the two global crops only, all-gathered;
+:func:`clrjax.losses.multicrop.moco_v3_multicrop_loss` over the crop pairs.
 """
 from clrjax.losses.moco_v3 import moco_v3_loss
+from clrjax.losses.multicrop import moco_v3_multicrop_loss
 from clrjax.methods.momentum import PredictorMethod
 
 METHOD = PredictorMethod(name="moco_v3", loss_fn=moco_v3_loss, loss_inputs=("predictions", "targets"),
+                         supports_multicrop=True, multicrop_loss_fn=moco_v3_multicrop_loss,
                          source="Chen, Xie & He 2021, sec. 3 Algorithm 1; momentum: sec. 4")

@@ -53,10 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from clrjax.methods import multicrop
 from clrjax.methods.base import Method
 
 TARGET_MODULES = ("encoder", "projector")
@@ -134,7 +136,8 @@ class MomentumMethod(Method):
 
     def forward(self, model, variables, views, state, *, train: bool):
         outputs, batch_stats = super().forward(model, variables, views, state, train=train)
-        outputs["targets"] = self.target_forward(model, state, views, train=train)
+        # Multi-crop: the target sees only the global crops (the targets of every crop).
+        outputs["targets"] = self.target_forward(model, state, multicrop.global_views(views), train=train)
         return outputs, batch_stats
 
     def after_update(self, state, *, params, batch_stats, step, total_steps):
@@ -155,11 +158,18 @@ class PredictorMethod(MomentumMethod):
     ``config.projector.out_dim`` units; its output is ``outputs['predictions']``.
     Its loss is ``loss_fn(p_a, p_b, t_a, t_b, *, axis_name, **kw)``: the online
     predictions of both views against the target's projections of both views.
+    With multi-crop outputs (predictions [B, 2 + V, d], targets of the global
+    crops [B, 2, d]) it is ``multicrop_loss_fn(p, t, *, axis_name, **kw)``.
     """
+
+    multicrop_loss_fn: Optional[Callable[..., Any]] = None
 
     def loss(self, outputs, batch, state, *, axis_name=None, **loss_kwargs):
         del batch
         p, t = outputs["predictions"], outputs["targets"]
+        if p.shape[1] > multicrop.NUM_GLOBAL:
+            loss, metrics = self.multicrop_loss_fn(p, t, axis_name=axis_name, **loss_kwargs)
+            return loss, state, metrics
         loss, metrics = self.loss_fn(p[:, 0], p[:, 1], t[:, 0], t[:, 1], axis_name=axis_name, **loss_kwargs)
         return loss, state, metrics
 

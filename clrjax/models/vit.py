@@ -14,14 +14,27 @@ Parameter names mirror timm's so that :mod:`clrjax.export` maps them one to one:
     norm                               final LayerNorm
     head                               optional classification head
 
-Shapes: input float ``[B, H, W, C]`` with H and W divisible by 16; N =
-(H/16)(W/16) is fixed by the image size used at ``init`` (position
-embeddings are not interpolated). Output float32 ``[B, D]`` (logits
-``[B, num_classes]`` when ``num_classes`` is set).
+Shapes: input float ``[B, H, W, C]`` with H and W divisible by 16. The
+position embeddings are learnt for the square patch grid g0 x g0 of the image
+size used at ``init`` (N = g0^2). An input of another size (multi-crop's local
+crops, :mod:`clrjax.methods.multicrop`) gets them interpolated to its grid
+(H/16) x (W/16) by :func:`interpolate_pos_embed`: the cls token's embedding
+is kept, the patch embeddings are resized as a g0 x g0 image with D channels
+by bicubic interpolation, as DINO's ``VisionTransformer.interpolate_pos_encoding``
+(official code, github.com/facebookresearch/dino ``vision_transformer.py``:
+``nn.functional.interpolate(..., mode='bicubic')`` with half-pixel sampling).
+Differences from DINO's, which only matter away from the native size:
+``jax.image.resize``'s cubic kernel is Keys' with a = -0.5 (PyTorch's
+bicubic uses a = -0.75) and it renormalises the kernel at the border where
+PyTorch replicates the edge; the grid is given as an output size, not a
+scale factor (DINO adds 0.1 to the factor to land on the same size). At the
+native size the embeddings are used unchanged. Output float32 ``[B, D]``
+(logits ``[B, num_classes]`` when ``num_classes`` is set).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -51,6 +64,25 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def interpolate_pos_embed(pos_embed: jax.Array, grid: Tuple[int, int]) -> jax.Array:
+    """[1, 1 + g0^2, D] position embeddings (cls first) -> [1, 1 + gh gw, D] for a (gh, gw) patch grid.
+
+    The identity at the native grid (g0, g0); elsewhere the patch embeddings are resized
+    bicubically as a g0 x g0 image (see the module docstring; DINO's ``interpolate_pos_encoding``).
+    """
+    n, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    side = math.isqrt(n)
+    if tuple(grid) == (side, side) and side * side == n:
+        return pos_embed
+    if side * side != n:
+        raise ValueError(f"position embeddings of {n} patches are not a square grid; cannot interpolate "
+                         f"them to {grid[0]}x{grid[1]}.")
+    patches = pos_embed[0, 1:].astype(jnp.float32).reshape(side, side, dim)
+    resized = jax.image.resize(patches, (grid[0], grid[1], dim), method="cubic", antialias=False)
+    resized = resized.reshape(1, grid[0] * grid[1], dim).astype(pos_embed.dtype)
+    return jnp.concatenate([pos_embed[:, :1], resized], axis=1)
 
 
 class Attention(nn.Module):
@@ -130,6 +162,9 @@ class ViT(nn.Module):
         """x: float [B, H, W, C] -> float32 features [B, D]. ``train`` is unused (no dropout/BN)."""
         del train  # Same computation in both modes; kept for the common encoder signature.
         p = self.patch_size
+        if x.shape[1] % p or x.shape[2] % p:
+            raise ValueError(f"ViT input {x.shape[1]}x{x.shape[2]} is not divisible by the patch size {p}.")
+        grid = (x.shape[1] // p, x.shape[2] // p)
         x = jnp.asarray(x, self.dtype)
         x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID",
                     kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
@@ -139,8 +174,11 @@ class ViT(nn.Module):
 
         cls = self.param("cls_token", _embed_init, (1, 1, self.dim), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.dim)).astype(x.dtype), x], axis=1)
-        pos = self.param("pos_embed", _embed_init, (1, x.shape[1], self.dim), jnp.float32)
-        x = x + pos.astype(x.dtype)
+        if self.has_variable("params", "pos_embed"):  # learnt for the init grid; x may have another
+            pos = self.get_variable("params", "pos_embed")
+        else:
+            pos = self.param("pos_embed", _embed_init, (1, x.shape[1], self.dim), jnp.float32)
+        x = x + interpolate_pos_embed(pos, grid).astype(x.dtype)
 
         block_cls = nn.remat(Block) if self.remat else Block
         for i in range(self.depth):

@@ -87,8 +87,12 @@ def test_remat_same_outputs_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-def test_wrong_image_size_after_init_fails():
+def test_other_image_size_after_init_interpolates_position_embeddings():
+    # Multi-crop: the embeddings learnt for the 2 x 2 init grid are resized to the input's grid
+    # (tests/test_multicrop.py checks the interpolation); a size the patch does not divide fails.
     model = ViT(**TINY)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    with pytest.raises(Exception, match="pos_embed"):  # flax: shape (1, 5, 24) vs needed (1, 9, 24)
-        jax.eval_shape(model.apply, variables, jnp.zeros((1, 32, 64, 3)))
+    assert variables["params"]["pos_embed"].shape == (1, 5, 24)
+    assert jax.eval_shape(model.apply, variables, jnp.zeros((1, 32, 64, 3))).shape == (1, 24)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 32, 40, 3)))
