@@ -344,3 +344,23 @@ def test_byol_multicrop_resume_is_bit_exact(tmp_path):
     pieces = jax.device_get(resumed.state)
     assert int(pieces.step) == int(whole.step) == 4
     jax.tree.map(np.testing.assert_array_equal, pieces, whole)
+
+
+def test_gradient_caching_with_multicrop_equals_full_batch():
+    """The crop pytree is split by rows: 4 micro-batches give the full-batch gradient (a ViT without
+    cross-example statistics, so the two are the same objective; tolerance as tests/test_gradient_cache.py)."""
+    from clrjax.models import encoders
+    from tests.test_gradient_cache import BATCH, MICRO_VIT, assert_trees_close, exact_config, grads_and_aux
+
+    registered = "vit_micro" in encoders.ENCODERS
+    if not registered:
+        encoders.ENCODERS.register(MICRO_VIT)
+    try:
+        (grads, stats, aux), _ = grads_and_aux(exact_config("byol", "vit", BATCH // 4, **MULTICROP), 1)
+        (want_grads, want_stats, want_aux), _ = grads_and_aux(exact_config("byol", "vit", 0, **MULTICROP), 1)
+    finally:
+        if not registered:
+            encoders.ENCODERS.unregister("vit_micro")
+    assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want_grads)) > 0
+    assert_trees_close(grads, want_grads, "multi-crop gradient")
+    assert_trees_close(aux, want_aux, "multi-crop loss, metrics and method state")
