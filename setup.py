@@ -25,7 +25,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    # The test extra includes the gcs extra and a local GCS emulator (tests/test_gcs_workdir.py).
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "gcsfs>=2026.10.1", "gcp-storage-emulator>=2026.7.19"],
+    # gs:// workdirs (clrjax/storage.py): gcsfs for config, metrics and the other files; Orbax's
+    # arrays go through TensorStore's own GCS driver.
+    "gcs": ["gcsfs>=2026.10.1"],
     # TensorFlow is only needed to *build* TFDS datasets that use the Image feature (`tfds build`).
     "tf": ["tensorflow>=2.16"],
     # PyTorch is only needed to check the exported torchvision state_dict.

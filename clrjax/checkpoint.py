@@ -61,6 +61,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clrjax import storage
 from clrjax import state_sharding
 # Each process reads the files itself; all of them must fall back to the same step.
 from clrjax.workdir_lock import all_processes_agree as _agreed
@@ -320,7 +321,7 @@ class Checkpointer:
     """Saves every ``every_steps`` steps (and when forced), keeps ``keep``; verifies on restore."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)  # Orbax wants absolute paths; gs:// stays as it is
         _install_quiet_failures()
         # Scanned before the manager starts, which may clean such leftovers up.
         self.leftovers = self._scan_incomplete()
@@ -350,9 +351,9 @@ class Checkpointer:
 
     def _scan_incomplete(self):
         """Names of leftover temporary directories of interrupted saves."""
-        if not os.path.isdir(self.directory):
+        if not storage.isdir(self.directory):
             return []
-        return sorted(n for n in os.listdir(self.directory) if TMP_MARKER in n)
+        return sorted(n for n in storage.listdir(self.directory) if TMP_MARKER in n)
 
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(step)
@@ -464,7 +465,7 @@ class Checkpointer:
                 saved = {k: saved[k] for k in keys if k in saved}
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-            path = os.path.join(self.directory, str(step), "state")
+            path = storage.join(self.directory, str(step), "state")
             args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                           partial_restore=keys is not None)
             try:
@@ -488,10 +489,10 @@ class Checkpointer:
 
     def _read_meta(self, step: int) -> Tuple[dict, Optional[dict]]:
         """(meta, integrity record or None); raises _Damage for a missing part or an unreadable meta."""
-        step_dir = os.path.join(self.directory, str(step))
-        if not os.listdir(step_dir):
+        step_dir = storage.join(self.directory, str(step))
+        if not storage.listdir(step_dir):
             raise _Damage("the step directory is empty")
-        missing = [item for item in ("state", "meta") if not os.path.isdir(os.path.join(step_dir, item))]
+        missing = [item for item in ("state", "meta") if not storage.isdir(storage.join(step_dir, item))]
         if missing:
             raise _Damage(f"its {' and '.join(missing)} item is missing")
         try:
@@ -516,7 +517,7 @@ class Checkpointer:
     def _saved_tree(self, step: int):
         try:
             with _quiet_item_metadata_warning():
-                metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+                metadata = ocp.StandardCheckpointer().metadata(storage.join(self.directory, str(step), "state"))
         except Exception as err:
             raise _Damage(f"its array metadata cannot be read ({_summary(err)})") from None
         tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
@@ -554,7 +555,7 @@ class Checkpointer:
             for step in steps:
                 name = _free_name(self.directory, f"{step}{DAMAGED_SUFFIX}")
                 try:
-                    os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+                    storage.rename(storage.join(self.directory, str(step)), storage.join(self.directory, name))
                 except OSError as err:
                     raise CheckpointDamagedError(
                         f"the checkpoint of step {step} in {self.directory} is damaged and could not be moved "
@@ -605,7 +606,7 @@ class Checkpointer:
 def _free_name(directory: str, name: str) -> str:
     """``name``, or ``name-1``, ``name-2``... whichever does not exist yet in ``directory``."""
     candidate, k = name, 0
-    while os.path.exists(os.path.join(directory, candidate)):
+    while storage.exists(storage.join(directory, candidate)):
         k += 1
         candidate = f"{name}-{k}"
     return candidate

@@ -28,6 +28,8 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import flags
 
+from clrjax import storage
+
 EXIT_BAD_INPUT = 3
 EXIT_NONFINITE = 4
 EXIT_CHECKPOINT_WRITE = 5
@@ -183,31 +185,29 @@ def check_output_dir(program: str, flag: str, path: str, files: Sequence[str] = 
     ``files`` (written there) must not be directories, and ``merged_json`` files, which the
     program updates, must hold a JSON object when they exist.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        fail(program, f"--{flag}={path} is a file, not a directory; pass a directory for the results.")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        fail(program, f"--{flag}={path} cannot be created because {existing} is a file; pass another directory.")
+    path = storage.absolute(path)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=existing)
-        os.close(fd)
-        os.remove(probe)
+        storage.check_supported(path)
+    except storage.StorageUnsupportedError as err:
+        fail(program, f"--{flag}={path}: {err}")
+    if storage.exists(path) and not storage.isdir(path):
+        fail(program, f"--{flag}={path} is a file, not a directory; pass a directory for the results.")
+    try:
+        _probe_writable(path)
+    except NotADirectoryError as err:
+        fail(program, f"--{flag}={path} cannot be created because {err.filename} is a file; pass another directory.")
     except OSError as err:
         fail(program, f"--{flag}={path} is not writable ({err.strerror or err}); pass a directory you can write to.")
     for name in tuple(files) + tuple(merged_json):
-        target = os.path.join(path, name)
-        if os.path.isdir(target):
+        target = storage.join(path, name)
+        if storage.isdir(target):
             fail(program, f"{target} is a directory, so the result cannot be written there; remove it or pass "
                  f"another --{flag}.")
     for name in merged_json:
-        target = os.path.join(path, name)
-        if os.path.isfile(target):
+        target = storage.join(path, name)
+        if storage.isfile(target):
             try:
-                with open(target) as f:
-                    ok = isinstance(json.load(f), dict)
+                ok = isinstance(json.loads(storage.read_text(target)), dict)
             except (OSError, ValueError):
                 ok = False
             if not ok:
@@ -215,12 +215,31 @@ def check_output_dir(program: str, flag: str, path: str, files: Sequence[str] = 
                      f"away or pass another --{flag}.")
 
 
+def _probe_writable(path: str) -> None:
+    """Writes and removes a probe file in ``path``'s nearest existing ancestor (an object in
+    ``path`` itself on an object store, where no directory needs to exist); nothing is created.
+    Raises NotADirectoryError (``filename``: the ancestor) when that ancestor is a file."""
+    if storage.is_remote(path):
+        probe = storage.join(path, f".write_test.{os.getpid()}")
+        storage.write_bytes(probe, b"ok")
+        storage.remove(probe)
+        return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(20, "Not a directory", existing)
+    fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=existing)
+    os.close(fd)
+    os.remove(probe)
+
+
 def check_output_file(program: str, flag: str, path: str) -> None:
     """Fails (exit 3) unless ``path`` can be written as a file (its directory checked like an output dir)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(path):
+    path = storage.absolute(path)
+    if storage.isdir(path):
         fail(program, f"--{flag}={path} is a directory; pass a file name.")
-    check_output_dir(program, flag, os.path.dirname(path))
+    check_output_dir(program, flag, storage.dirname(path))
 
 
 def write_or_fail(program: str, write: Callable[[], Any], what: str, under: Optional[str] = None) -> Any:
@@ -232,7 +251,7 @@ def write_or_fail(program: str, write: Callable[[], Any], what: str, under: Opti
         return write()
     except OSError as err:
         name = getattr(err, "filename", None)
-        if under is not None and not (name and os.path.abspath(str(name)).startswith(os.path.abspath(under))):
+        if under is not None and not (name and storage.is_within(str(name), under)):
             raise
         where = f" {name}" if name else ""
         fail(program, f"could not write {what}{where} ({err.strerror or err}); the work is done but its result "
@@ -258,8 +277,8 @@ class EncoderFlags:
         """The flags' ranges and the output directory, before anything is restored or computed."""
         check_flags(program, self.RULES)
         out = self.out.value or self.workdir.value or self.encoder.value
-        if self.out.value is None and self.encoder.value and not os.path.isdir(self.encoder.value):
-            out = os.path.dirname(os.path.abspath(self.encoder.value))  # a .safetensors file: its directory
+        if self.out.value is None and self.encoder.value and not storage.isdir(self.encoder.value):
+            out = storage.dirname(storage.absolute(self.encoder.value))  # a .safetensors file: its directory
         if out and bool(self.workdir.value) != bool(self.encoder.value):
             check_output_dir(program, "out" if self.out.value else ("workdir" if self.workdir.value else "encoder"),
                              out, merged_json=(result_file,))

@@ -164,7 +164,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -172,6 +171,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clrjax import storage
 from clrjax.models import DTYPES, build_encoder, resolve_model_config
 
 FORMATS = ("orbax", "safetensors", "torch")
@@ -298,7 +298,8 @@ def _save_torch(arrays: Mapping[str, np.ndarray], path: str) -> None:
     except ImportError as e:  # torch is an optional extra
         raise ImportError("export format 'torch' needs PyTorch: `pip install torch`, "
                           "or pass formats=('orbax', 'safetensors').") from e
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, path)
+    with storage.open(path, "wb") as f:
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, f)
 
 
 # ---------------------------------------------------------------------------
@@ -328,44 +329,44 @@ def export_encoder(out_dir: str, model_cfg: Mapping, encoder_variables: Mapping,
     if unknown:
         raise ValueError(f"export format {unknown[0]!r} is unknown; use any of {', '.join(FORMATS)}.")
     cfg = resolve_model_config(model_cfg)
-    out_dir = os.path.abspath(out_dir)  # Orbax requires absolute paths
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = storage.absolute(out_dir)  # Orbax requires absolute paths (or gs:// URLs)
+    storage.makedirs(out_dir)
     flat = flatten_variables(encoder_variables)
     primary = jax.process_index() == 0
     written = {}
 
     if primary:
-        with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        with storage.open(storage.join(out_dir, CONFIG_FILE), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
-        written["config"] = os.path.join(out_dir, CONFIG_FILE)
+        written["config"] = storage.join(out_dir, CONFIG_FILE)
         if preprocessing is not None:
-            with open(os.path.join(out_dir, PREPROCESSING_FILE), "w") as f:
+            with storage.open(storage.join(out_dir, PREPROCESSING_FILE), "w") as f:
                 json.dump(dict(preprocessing), f, indent=2, sort_keys=True)
-            written["preprocessing"] = os.path.join(out_dir, PREPROCESSING_FILE)
+            written["preprocessing"] = storage.join(out_dir, PREPROCESSING_FILE)
     if "orbax" in formats:
         import orbax.checkpoint as ocp
-        path = os.path.join(out_dir, ORBAX_DIR)
+        path = storage.join(out_dir, ORBAX_DIR)
         checkpointer = ocp.StandardCheckpointer()
         # Numpy leaves: restoring needs no mesh or sharding, on any device count.
         checkpointer.save(path, unflatten_variables(flat), force=True)
         checkpointer.wait_until_finished()
         written["orbax"] = path
     if "safetensors" in formats and primary:
-        from safetensors.numpy import save_file
-        path = os.path.join(out_dir, SAFETENSORS_FILE)
+        from safetensors.numpy import save
+        path = storage.join(out_dir, SAFETENSORS_FILE)
         metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                     "model_config": json.dumps(cfg, sort_keys=True)}
         if preprocessing is not None:
             metadata["preprocessing"] = json.dumps(dict(preprocessing), sort_keys=True)
-        save_file(flat, path, metadata=metadata)
+        storage.write_bytes(path, save(flat, metadata=metadata))
         written["safetensors"] = path
     if "torch" in formats and primary:
         if cfg["name"].startswith("resnet"):
-            path = os.path.join(out_dir, TORCHVISION_FILE)
+            path = storage.join(out_dir, TORCHVISION_FILE)
             _save_torch(torchvision_arrays(encoder_variables), path)
             written["torch"] = path
         elif cfg["name"].startswith("vit"):
-            path = os.path.join(out_dir, TIMM_FILE)
+            path = storage.join(out_dir, TIMM_FILE)
             _save_torch(timm_arrays(encoder_variables), path)
             written["torch"] = path
         else:
@@ -401,32 +402,36 @@ class Encoder:
         return f"Encoder({self.model_cfg})"
 
 
+def _safetensors_metadata(data: bytes) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors file: its header is an 8-byte little-endian length,
+    then that many bytes of JSON (safetensors format description, huggingface/safetensors README)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
+
+
 def _read_safetensors(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[Dict[str, Any]]]:
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-    with safe_open(path, framework="numpy") as f:
-        metadata = f.metadata() or {}
+    from safetensors.numpy import load
+    data = storage.read_bytes(path)
+    metadata = _safetensors_metadata(data)
     if metadata.get("format") != FORMAT_NAME or "model_config" not in metadata:
         raise ValueError(f"{path} is not a clrjax encoder export (no '{FORMAT_NAME}' metadata); "
                          "export it with clrjax.export.export_encoder.")
     preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
-    return json.loads(metadata["model_config"]), unflatten_variables(load_file(path)), preprocessing
+    return json.loads(metadata["model_config"]), unflatten_variables(load(data)), preprocessing
 
 
 def _read_directory(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[Dict[str, Any]]]:
-    orbax_dir = os.path.join(path, ORBAX_DIR)
-    config_path = os.path.join(path, CONFIG_FILE)
-    if os.path.isdir(orbax_dir) and os.path.isfile(config_path):
+    orbax_dir = storage.join(path, ORBAX_DIR)
+    config_path = storage.join(path, CONFIG_FILE)
+    if storage.isdir(orbax_dir) and storage.isfile(config_path):
         import orbax.checkpoint as ocp
-        with open(config_path) as f:
-            cfg = json.load(f)
+        cfg = json.loads(storage.read_text(config_path))
         preprocessing = None
-        if os.path.isfile(os.path.join(path, PREPROCESSING_FILE)):
-            with open(os.path.join(path, PREPROCESSING_FILE)) as f:
-                preprocessing = json.load(f)
+        if storage.isfile(storage.join(path, PREPROCESSING_FILE)):
+            preprocessing = json.loads(storage.read_text(storage.join(path, PREPROCESSING_FILE)))
         return cfg, ocp.StandardCheckpointer().restore(orbax_dir), preprocessing
-    if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
-        return _read_safetensors(os.path.join(path, SAFETENSORS_FILE))
+    if storage.isfile(storage.join(path, SAFETENSORS_FILE)):
+        return _read_safetensors(storage.join(path, SAFETENSORS_FILE))
     raise ValueError(f"{path} holds neither {ORBAX_DIR}/ + {CONFIG_FILE} nor {SAFETENSORS_FILE}; "
                      "pass the directory written by export_encoder or its .safetensors file.")
 
@@ -443,10 +448,10 @@ def load_encoder(path: str, dtype: Optional[str] = "float32") -> Encoder:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"load_encoder: dtype is {dtype!r}; use one of {', '.join(DTYPES)} "
                          "(or None for the dtype the export records).")
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
+    path = storage.absolute(path)
+    if storage.isdir(path):
         cfg, variables, preprocessing = _read_directory(path)
-    elif path.endswith(".safetensors") and os.path.isfile(path):
+    elif path.endswith(".safetensors") and storage.isfile(path):
         cfg, variables, preprocessing = _read_safetensors(path)
     else:
         raise ValueError(f"{path} is neither an export directory nor a .safetensors file; "

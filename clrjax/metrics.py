@@ -7,6 +7,11 @@ A run's workdir holds:
   workdir/config.json                         the resolved config (`write_config_json`)
   workdir/<name>.json                         anything else (`MetricWriter.write_json`)
 
+A `gs://` workdir (clrjax/storage.py) gets the same files. Objects cannot be
+appended to, so there the writer keeps `metrics.jsonl` and the event file in a
+local staging directory and uploads each whole after every write (the cost
+grows with the file: about 100 bytes per row).
+
 Events are written with `tensorboard.summary.Writer`, not clu's writers,
 because clu's `metric_writers` and `periodic_actions` import TensorFlow,
 which training does not otherwise need. In multi-host runs only
@@ -17,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from clrjax import storage
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
@@ -50,12 +58,18 @@ def _to_jsonable(obj: Any) -> Any:
 
 def write_json_file(path: str, obj: Any) -> None:
     """Writes `obj` as JSON to `path` so readers see the old file or the new, never half."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    storage.makedirs(storage.dirname(storage.absolute(path)))
     write_text_atomically(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    """Replaces `path` by `text` through a temporary file (old or new content, never half)."""
+    """Replaces `path` by `text` through a temporary file (old or new content, never half).
+
+    An object store's upload is atomic by itself: there the object is written directly.
+    """
+    if storage.is_remote(path):
+        storage.write_bytes(path, text.encode("utf-8"))
+        return
     # The temporary file must be on the same filesystem for os.replace to be atomic.
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1])
@@ -112,14 +126,17 @@ class MetricWriter:
         self.enabled = enabled
         self._tb_writer = None
         self._jsonl = None
+        self._staging = None  # a remote workdir's local copy of the outputs
         if not enabled:
             return
         # Imported here so disabled writers (and importers of read_metrics) do not pay for it.
         from tensorboard.summary import Writer
 
-        os.makedirs(workdir, exist_ok=True)
-        self._tb_writer = Writer(os.path.join(workdir, TENSORBOARD_DIRNAME))
-        jsonl_path = os.path.join(workdir, METRICS_FILENAME)
+        storage.makedirs(workdir)
+        self._staging = self._stage(workdir) if storage.is_remote(workdir) else None
+        local = self._staging or workdir
+        self._tb_writer = Writer(os.path.join(local, TENSORBOARD_DIRNAME))
+        jsonl_path = os.path.join(local, METRICS_FILENAME)
         _drop_torn_last_line(jsonl_path)
         # Append: a resumed run continues the same file.
         self._jsonl = open(jsonl_path, "a", encoding="utf-8")
@@ -141,6 +158,27 @@ class MetricWriter:
         self._tb_writer.flush()
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
+        self._upload()
+
+    @staticmethod
+    def _stage(workdir: str) -> str:
+        """A local directory that mirrors the remote outputs, holding the remote metrics.jsonl so far."""
+        staging = tempfile.mkdtemp(prefix="clrjax_metrics_")
+        remote = storage.join(workdir, METRICS_FILENAME)
+        if storage.exists(remote):
+            with open(os.path.join(staging, METRICS_FILENAME), "wb") as f:
+                f.write(storage.read_bytes(remote))
+        return staging
+
+    def _upload(self) -> None:
+        """Uploads every staged file whole (a remote workdir; objects have no append)."""
+        if self._staging is None:
+            return
+        for root, _, names in os.walk(self._staging):
+            for name in names:
+                local = os.path.join(root, name)
+                relative = os.path.relpath(local, self._staging).replace(os.sep, "/")
+                storage.upload(local, storage.join(self.workdir, relative))
 
     def write_json(self, name: str, obj: Any) -> str | None:
         """Atomically writes `obj` to `workdir/name` ('.json' appended if no suffix); returns the path."""
@@ -148,7 +186,7 @@ class MetricWriter:
             return None
         if not os.path.splitext(name)[1]:
             name += ".json"
-        path = os.path.join(self.workdir, name)
+        path = storage.join(self.workdir, name)
         write_json_file(path, obj)
         return path
 
@@ -160,6 +198,10 @@ class MetricWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self._staging is not None:
+            self._upload()  # the events the writer flushed on close
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def __enter__(self) -> MetricWriter:
         return self
@@ -174,8 +216,7 @@ def read_metrics(path: str) -> list[dict]:
     A truncated last line (a run killed mid-write) is skipped; a malformed line
     anywhere else is corruption and raises ValueError with its line number.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = storage.read_text(path).split("\n")
     # A complete file ends with "\n", so the final element is "" unless torn.
     rows = []
     last = len(lines) - 1
@@ -203,12 +244,11 @@ def truncate_after(workdir: str, step: int | None) -> int:
     only if a row goes; a torn last line goes too. Lines that are not valid
     JSON elsewhere are kept (their step is unknown). Process 0 only.
     """
-    path = os.path.join(workdir, METRICS_FILENAME)
-    if not os.path.exists(path):
+    path = storage.join(workdir, METRICS_FILENAME)
+    if not storage.exists(path):
         return 0
     limit = int(step or 0)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = storage.read_text(path)
     lines = text.split("\n")
     torn = lines.pop()  # "" when the file ends with a newline; otherwise a partial last line
     kept, dropped = [], 0
@@ -235,7 +275,7 @@ def write_config_json(workdir: str, config: Any) -> str:
     """
     if hasattr(config, "to_dict"):
         config = config.to_dict()
-    path = os.path.join(workdir, CONFIG_FILENAME)
+    path = storage.join(workdir, CONFIG_FILENAME)
     write_json_file(path, config)
     return path
 
@@ -407,7 +447,6 @@ def plot_curves(metrics_jsonl: str, out_png: str,
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-    directory = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(out_png, format="png", dpi=100)
+    storage.makedirs(storage.dirname(storage.absolute(out_png)))
+    storage.save_figure(fig, out_png)
     return present

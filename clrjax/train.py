@@ -40,7 +40,7 @@ from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
 from clrjax import gradient_cache
 from clrjax import methods, metrics as metrics_lib, optim, parallel, profiling, state_sharding
-from clrjax import workdir_lock
+from clrjax import storage, workdir_lock
 from clrjax.data import datasets, pipeline, sources
 
 
@@ -376,11 +376,10 @@ def _resume_defaults(config) -> dict:
 
 def check_resume_config(workdir: str, config, allow_change: bool) -> None:
     """Refuses to resume a run whose saved config differs, unless allowed."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
     diffs = config_differences(saved, config.to_dict(), defaults=_resume_defaults(config))
     if saved.get("method") != config.method:
         raise config_lib.ConfigError(
@@ -413,13 +412,15 @@ class RunResult:
 
 def _check_workdir_writable(workdir: str) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         # One probe file per process: processes sharing a workdir would remove each other's.
         # Unique per process: processes sharing a workdir must not delete each other's probe.
-        probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
-        with open(probe, "w") as f:
+        probe = storage.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+        with storage.open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
+        storage.remove(probe)
+    except storage.StorageUnsupportedError as err:
+        raise config_lib.ConfigError(f"--workdir={workdir}: {err}") from None
     except OSError as err:
         raise config_lib.ConfigError(
             f"the workdir {workdir} is not writable ({err.strerror}); choose a --workdir you can write to.") from None
@@ -461,7 +462,7 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
 
     state = init_train_state(exp)
     warn_ghost_batchnorm(config, state.batch_stats)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
                                          every_steps=config.checkpoint.every_steps,
                                          keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
@@ -505,7 +506,7 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
         raise
     checkpointer.close()
     if main and result.state is not None and int(result.state.step) >= exp.total_steps:
-        metrics_lib.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+        metrics_lib.plot_curves(storage.join(workdir, "metrics.jsonl"), storage.join(workdir, "curves.png"))
     return result
 
 
@@ -528,8 +529,8 @@ def _announce(main: bool, message: str) -> None:
 
 
 def _last_logged(workdir: str) -> dict:
-    path = os.path.join(workdir, "metrics.jsonl")
-    rows = metrics_lib.read_metrics(path) if os.path.exists(path) else []
+    path = storage.join(workdir, "metrics.jsonl")
+    rows = metrics_lib.read_metrics(path) if storage.exists(path) else []
     return rows[-1] if rows else {}
 
 
@@ -548,7 +549,8 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
                                   start_step=start)
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
     progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
-    evaluation = _periodic_evaluation(exp) if main else None
+    # On every process: each extracts its share of the evaluation splits (protocols.source_features).
+    evaluation = _periodic_evaluation(exp)
     leaf_names = [name for name, _ in checked_leaves(state)]
     profiler = profiling.StepProfiler(config.profile_steps, workdir, enabled=main)
 

@@ -27,6 +27,15 @@ released when its lease expires (NFSv4: about 90 s). Lustre needs the
 filesystems (e.g. object-store mounts) have no locks: where flock reports
 that locks are unsupported, the run goes on with a one-line warning that it is
 unprotected.
+
+Object stores (``gs://`` workdirs, clrjax/storage.py) have no locks at all, and
+no lock file there would be honest: an object cannot be released by the death
+of its writer, so a preempted TPU job (the common case) would leave a lock that
+blocks its own requeued run, and a lease renewed by a heartbeat would need
+every host's clock to agree and would still let a paused holder write after it
+expired. clrjax therefore takes no lock on a ``gs://`` workdir and says so in
+one warning line (process 0): keep one job per GCS workdir yourself (a
+scheduler's unique job name, or a fresh run directory per submission).
 """
 from __future__ import annotations
 
@@ -39,6 +48,8 @@ import socket
 import time
 from typing import Callable, Optional
 
+from clrjax import storage
+
 LOCK_PREFIX = ".lock."
 # What flock raises where the filesystem has no locks (not: another holder).
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -49,7 +60,7 @@ class WorkdirBusyError(RuntimeError):
 
 
 def lock_path(workdir: str, process_index: int = 0) -> str:
-    return os.path.join(os.path.abspath(workdir), f"{LOCK_PREFIX}{process_index}")
+    return storage.join(storage.absolute(workdir), f"{LOCK_PREFIX}{process_index}")
 
 
 def describe_holder(path: str) -> str:
@@ -71,7 +82,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, process_index: Optional[int] = None,
                  agree: Optional[Callable[[bool], bool]] = None):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         self.process_index = _process_index() if process_index is None else process_index
         self.path = lock_path(self.workdir, self.process_index)
         self._agree = all_processes_agree if agree is None else agree
@@ -89,6 +100,12 @@ class WorkdirLock:
 
     def _try_lock(self) -> Optional[str]:
         """None when locked (or locks are unsupported); else the refusal message."""
+        if storage.is_remote(self.workdir):
+            if self.process_index == 0:
+                logging.getLogger("absl").warning(
+                    "%s is on an object store, which has no file locks: a second trainer on this workdir "
+                    "would not be stopped (docs/LAUNCH.md, runs on Google Cloud Storage).", self.workdir)
+            return None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,11 +15,10 @@ the online encoder. An --out that holds another run's (or network's) export is r
 By default 'torch' is skipped with a note where it cannot be written (cnn_small, or no PyTorch);
 asking for it explicitly then fails. Exit status: 0 done; 3 bad input; 6 the export could not be written.
 """
-import os
 
 from absl import app, flags, logging
 
-from clrjax import cli
+from clrjax import cli, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory.")
 _OUT = flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export).")
@@ -40,7 +39,7 @@ def _check_flags() -> None:
     cli.check_flags("export", (cli.int_at_least("step", 0, "a checkpoint step of --workdir"),
                                cli.one_of("formats", export_lib.FORMATS, many=True)))
     cli.check_output_dir("export", "out" if _OUT.value else "workdir",
-                         _OUT.value or os.path.join(_WORKDIR.value, "export"))
+                         _OUT.value or storage.join(_WORKDIR.value, "export"))
 
 
 def main(argv):
@@ -49,7 +48,7 @@ def main(argv):
     from clrjax.evaluation import restore
 
     requested = _FORMATS.value if flags.FLAGS["formats"].present else None
-    out = os.path.abspath(_OUT.value or os.path.join(_WORKDIR.value, "export"))
+    out = storage.absolute(_OUT.value or storage.join(_WORKDIR.value, "export"))
     try:
         written, notes, encoder = cli.write_or_fail("export", lambda: restore.export_run(
             _WORKDIR.value, _OUT.value, requested, _STEP.value, network=_NETWORK.value,
@@ -61,7 +60,7 @@ def main(argv):
     formats = ", ".join(k for k in written if k not in ("config", "preprocessing"))
     network = " (target network)" if encoder.network != "online" else ""
     print(f"exported {encoder.model_cfg['name']} of {encoder.path} step {encoder.step}{network} ({formats}) "
-          f"-> {os.path.dirname(written['config'])}", flush=True)
+          f"-> {storage.dirname(written['config'])}", flush=True)
 
 
 if __name__ == "__main__":

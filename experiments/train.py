@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clrjax import cli
+from clrjax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<method>.py:<preset>).",
                                          lock_config=True)
@@ -130,7 +130,7 @@ def _exit_now(program: str, message, status: int):
 def _in_workdir(err: OSError) -> bool:
     """Whether an OSError is about a file under --workdir (a result that could not be written)."""
     name = getattr(err, "filename", None)
-    return bool(name) and os.path.abspath(str(name)).startswith(os.path.abspath(_WORKDIR.value) + os.sep)
+    return bool(name) and storage.is_within(str(name), _WORKDIR.value)
 
 
 def _report(result, folders, report_and_evaluate) -> None:
@@ -143,7 +143,7 @@ def _report(result, folders, report_and_evaluate) -> None:
         print(f"Skipped {skipped} bad inputs of the training split (dataset.on_error=skip); see {report}.")
     if result.stopped_early:
         print(f"Stopped at step {int(result.state.step)} after a stop request; checkpoint saved in "
-              f"{os.path.abspath(_WORKDIR.value)}. Re-run the same command to resume.")
+              f"{storage.absolute(_WORKDIR.value)}. Re-run the same command to resume.")
         sys.exit(cli.EXIT_PREEMPTED)
     report_and_evaluate(result, _WORKDIR.value)
 

@@ -28,15 +28,13 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
-import shutil
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from clrjax import config as config_lib, export as export_lib, metrics as metrics_lib, models
+from clrjax import config as config_lib, export as export_lib, metrics as metrics_lib, models, storage
 from clrjax.checkpoint import CheckpointDamagedError, Checkpointer, leaf_shapes
 from clrjax.data import augment, sources
 
@@ -106,13 +104,12 @@ class FrozenEncoder:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run saved in ``<workdir>/config.json``."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.isfile(path):
         raise EvalInputError(
-            f"{os.path.abspath(workdir)} has no {CONFIG_FILE}, so it is not a pretraining run directory; "
+            f"{storage.absolute(workdir)} has no {CONFIG_FILE}, so it is not a pretraining run directory; "
             "pass the --workdir given to experiments/train.py, or --config with --encoder=EXPORT_DIR.")
-    with open(path) as f:
-        return config_lib.upgrade_saved_config(json.load(f))
+    return config_lib.upgrade_saved_config(json.loads(storage.read_text(path)))
 
 
 def check_config(config) -> ml_collections.ConfigDict:
@@ -203,10 +200,10 @@ def checkpoint_step(workdir: str, step: Optional[int] = None) -> Tuple[Checkpoin
 
     The directory is checked before an Orbax manager is created (which would create it).
     """
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    directory = storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
     hint = ("train first with `python experiments/train.py --config=configs/<method>.py:<preset> "
             f"--workdir={workdir}`")
-    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    if not storage.isdir(directory) or not any(n.isdigit() for n in storage.listdir(directory)):
         raise EvalInputError(f"no checkpoint in {directory}; {hint}.")
     checkpointer = Checkpointer(directory, every_steps=1, keep=1_000_000, async_save=False)
     steps = sorted(checkpointer.all_steps())
@@ -282,7 +279,7 @@ def from_workdir(workdir: str, config=None, step: Optional[int] = None,
     variables = encoder_of_state(state) if network == "online" else target_encoder_of_state(state, config.method)
     check_variables_fit(model_cfg, variables, model_input_shape(config),
                         f"the checkpoint {checkpointer.directory}/{step} does not fit config.model")
-    return FrozenEncoder(model_cfg, variables, config, "workdir", os.path.abspath(workdir), step, network)
+    return FrozenEncoder(model_cfg, variables, config, "workdir", storage.absolute(workdir), step, network)
 
 
 # --------------------------------------------------------------------------- from an export
@@ -291,12 +288,12 @@ def from_workdir(workdir: str, config=None, step: Optional[int] = None,
 def check_export_path(path: str) -> None:
     """Raises unless ``path`` is an export directory (with model_config.json) or its .safetensors file."""
     fix = "export a run with `python experiments/export.py --workdir=RUN --out=DIR` and pass that DIR"
-    if os.path.isfile(path) and path.endswith(".safetensors"):
+    if storage.isfile(path) and path.endswith(".safetensors"):
         return
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise EvalInputError(f"--encoder={path} does not exist; {fix}.")
-    has_config = os.path.isfile(os.path.join(path, export_lib.CONFIG_FILE))
-    has_safetensors = os.path.isfile(os.path.join(path, export_lib.SAFETENSORS_FILE))
+    has_config = storage.isfile(storage.join(path, export_lib.CONFIG_FILE))
+    has_safetensors = storage.isfile(storage.join(path, export_lib.SAFETENSORS_FILE))
     if not has_config and not has_safetensors:
         raise EvalInputError(f"{path} has no {export_lib.CONFIG_FILE} (nor {export_lib.SAFETENSORS_FILE}), "
                              f"so it is not an encoder export; {fix}.")
@@ -327,7 +324,7 @@ def recorded_config(path: str, provenance: Mapping[str, Any]) -> ml_collections.
     if provenance.get("config"):
         return config_lib.upgrade_saved_config(provenance["config"])
     workdir = provenance.get("workdir")
-    if workdir and os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # exports of older clrjax versions
+    if workdir and storage.isfile(storage.join(workdir, CONFIG_FILE)):  # exports of older clrjax versions
         return load_run_config(workdir)
     why = (f"its run directory {workdir} has no {CONFIG_FILE}" if workdir
            else f"it has no {EXPORT_SOURCE_FILE} naming its training run")
@@ -343,7 +340,7 @@ def from_export(path: str, config=None, check_splits: bool = True) -> FrozenEnco
     The encoder computes in the dtype the export records (the run's), as
     :func:`from_workdir` does, so both give the same numbers.
     """
-    path = os.path.abspath(path)
+    path = storage.absolute(path)
     check_export_path(path)
     provenance = read_export_source(path)
     config = recorded_config(path, provenance) if config is None else check_config(config)
@@ -363,12 +360,11 @@ def from_export(path: str, config=None, check_splits: bool = True) -> FrozenEnco
 
 def read_export_source(path: str) -> Dict[str, Any]:
     """``export_source.json`` (run workdir, step, network, config) of an export made by :func:`export_run`, or {}."""
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    source = os.path.join(directory, EXPORT_SOURCE_FILE)
-    if not os.path.isfile(source):
+    directory = path if storage.isdir(path) else storage.dirname(path)
+    source = storage.join(directory, EXPORT_SOURCE_FILE)
+    if not storage.isfile(source):
         return {}
-    with open(source) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(source))
 
 
 def from_flags(workdir: Optional[str], encoder: Optional[str], config, step: Optional[int]) -> FrozenEncoder:
@@ -387,7 +383,7 @@ def output_dir(encoder: FrozenEncoder, out: Optional[str]) -> str:
     """Where results go: ``out`` if given, else the run directory or the export directory."""
     if out:
         return out
-    return encoder.path if os.path.isdir(encoder.path) else os.path.dirname(encoder.path)
+    return encoder.path if storage.isdir(encoder.path) else storage.dirname(encoder.path)
 
 
 # --------------------------------------------------------------------------- export
@@ -442,7 +438,7 @@ def prepare_export_dir(out: str, source: Mapping[str, Any], overwrite: bool) -> 
     origin, is replaced only with ``overwrite``. Whenever the previous export
     is replaced, its files go first, so no stale format outlives it.
     """
-    existing = [name for name in EXPORT_FILES if os.path.exists(os.path.join(out, name))]
+    existing = [name for name in EXPORT_FILES if storage.exists(storage.join(out, name))]
     if not existing:
         return []
     previous = read_export_source(out)
@@ -455,13 +451,13 @@ def prepare_export_dir(out: str, source: Mapping[str, Any], overwrite: bool) -> 
         raise EvalInputError(f"{out} already holds {_describe_export(previous, same_workdir)}; pass --overwrite "
                              "to replace it, or choose another --out.")
     notes = [f"replaced {_describe_export(previous)}" + ("" if same_run else " (--overwrite)") + "."]
-    results = [n for n in ("linear_eval.json", "knn_eval.json") if os.path.isfile(os.path.join(out, n))]
+    results = [n for n in ("linear_eval.json", "knn_eval.json") if storage.isfile(storage.join(out, n))]
     if results:
         notes.append(f"{', '.join(results)} in {out} describe the replaced export; re-run the evaluation.")
     if jax.process_index() == 0:
         for name in existing:
-            target = os.path.join(out, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            target = storage.join(out, name)
+            storage.rmtree(target) if storage.isdir(target) else storage.remove(target)
     if jax.process_count() > 1:  # nobody writes before process 0 has removed the old files
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("clrjax_export_dir_prepared")
@@ -483,13 +479,13 @@ def export_run(workdir: str, out: Optional[str] = None, formats: Optional[Sequen
     """
     encoder = from_workdir(workdir, None, step, check_splits=False, network=network)
     formats, notes = export_formats(encoder.model_cfg, formats)
-    out = os.path.abspath(out or os.path.join(workdir, "export"))
+    out = storage.absolute(out or storage.join(workdir, "export"))
     source = {"workdir": encoder.path, "step": encoder.step, "network": network}
     notes += prepare_export_dir(out, source, overwrite)
     written = export_lib.export_encoder(out, encoder.model_cfg, encoder.variables, formats=formats,
                                         preprocessing=preprocessing_of(encoder.config))
     if jax.process_index() == 0:
-        metrics_lib.write_json_file(os.path.join(out, EXPORT_SOURCE_FILE),
+        metrics_lib.write_json_file(storage.join(out, EXPORT_SOURCE_FILE),
                                     dict(source, config=encoder.config.to_dict()))
     for note in notes:
         logging.info("export: %s", note)

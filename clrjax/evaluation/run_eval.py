@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-from clrjax import metrics as metrics_lib, parallel
+from clrjax import metrics as metrics_lib, parallel, storage
 from clrjax.data import augment, pipeline
 from clrjax.evaluation.features import extract_features
 from clrjax.evaluation.protocols import (  # noqa: F401  (re-exported: the protocols of a run)
@@ -180,14 +179,13 @@ def run_knn_eval(encoder: FrozenEncoder, *, ks: Sequence[int] = KNN_KS, temperat
 
 def write_result(out_dir: str, filename: str, entries: Mapping[str, Any]) -> str:
     """Merges ``entries`` into ``out_dir/filename`` atomically, keeping other protocols' entries; returns the path."""
-    path = os.path.join(out_dir, filename)
+    path = storage.join(out_dir, filename)
     merged = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            merged = json.load(f)
+    if storage.isfile(path):
+        merged = json.loads(storage.read_text(path))
     merged.update(entries)
     if parallel.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
         metrics_lib.write_json_file(path, merged)
     return path
 
@@ -251,10 +249,10 @@ def variables_of(state) -> dict:
 def evaluate_run(result, include_random_init: bool = True) -> dict:
     """Evaluates the trained encoder and (optionally) the same encoder at initialisation.
 
-    Evaluation runs on this process's own devices: in a multi-process run
-    every process computes the same numbers without cross-host collectives
-    (the splits of the supported evaluation sets fit on one host), and only
-    process 0 writes them.
+    Every process of a multi-process run calls it: each encodes its share of
+    the splits on its own devices, the features are all-gathered once
+    (:func:`clrjax.evaluation.protocols.source_features`), every process then
+    computes the same numbers from them, and only process 0 writes them.
     """
     exp = result.exp
     local_mesh = eval_mesh()
@@ -272,7 +270,7 @@ def format_report(report: dict, workdir: str) -> str:
     for key in keys:
         rand = report.get("random_init", {}).get(key, float("nan"))
         rows.append(f"{key:<14}{report['pretrained'][key]:>12.4f}{rand:>13.4f}")
-    rows.append(f"workdir: {os.path.abspath(workdir)}")
+    rows.append(f"workdir: {storage.absolute(workdir)}")
     return "\n".join(rows)
 
 
@@ -281,15 +279,14 @@ def report_and_evaluate(result, workdir: str) -> dict | None:
     config = result.exp.config
     if int(jax.device_get(result.state.step)) < result.exp.total_steps or not config.eval.final:
         return None
-    path = os.path.join(workdir, EVAL_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            report = json.load(f)
+    path = storage.join(workdir, EVAL_FILE)
+    if storage.exists(path):
+        report = json.loads(storage.read_text(path))
     else:
         report = evaluate_run(result, include_random_init=config.eval.compare_random_init)
         report["final_train_metrics"] = result.final_metrics
         if parallel.is_main_process():
-            metrics_lib.MetricWriter(workdir).write_json(EVAL_FILE, report)
+            metrics_lib.write_json_file(path, report)
     if parallel.is_main_process():
         print(format_report(report, workdir), flush=True)
     return report
