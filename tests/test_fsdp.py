@@ -184,7 +184,8 @@ def restore_onto(workdir, step, config, num_devices):
     """The checkpoint of ``step`` restored onto the state layout of ``config`` on ``num_devices``."""
     mesh = parallel.make_mesh(jax.devices()[:num_devices])
     exp = train.build_experiment(config, mesh)
-    target = ckpt_lib.abstract_like(jax.eval_shape(lambda: train.init_train_state(exp)))
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(lambda: train.init_train_state(exp)), train.train_state_shardings(exp))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=2, keep=3,
                                          async_save=False)
     try:
