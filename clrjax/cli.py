@@ -189,7 +189,7 @@ def check_output_dir(program: str, flag: str, path: str, files: Sequence[str] = 
     try:
         storage.check_supported(path)
     except storage.StorageUnsupportedError as err:
-        fail(program, f"--{flag}={path}: {err}")
+        fail(program, f"--{flag}={err}")
     if storage.exists(path) and not storage.isdir(path):
         fail(program, f"--{flag}={path} is a file, not a directory; pass a directory for the results.")
     try:

@@ -420,7 +420,7 @@ def _check_workdir_writable(workdir: str) -> None:
             f.write("ok")
         storage.remove(probe)
     except storage.StorageUnsupportedError as err:
-        raise config_lib.ConfigError(f"--workdir={workdir}: {err}") from None
+        raise config_lib.ConfigError(f"the workdir {err}") from None
     except OSError as err:
         raise config_lib.ConfigError(
             f"the workdir {workdir} is not writable ({err.strerror}); choose a --workdir you can write to.") from None

@@ -306,6 +306,17 @@ def train_on_captions(ctx: Context, path: str, **overrides) -> None:
                                          "dataset.image_size": 8, "dataset.caption_column": "text", **overrides})
 
 
+def train_on_gcs_without_gcsfs(ctx: Context) -> None:
+    """A gs:// workdir where neither gcsfs nor TensorFlow can be imported (clrjax/storage.py)."""
+    import importlib.util
+    from unittest import mock
+
+    real = importlib.util.find_spec
+    missing = lambda name, *args: None if name in ("gcsfs", "tensorflow") else real(name, *args)
+    with mock.patch("importlib.util.find_spec", missing):
+        train_on(ctx, "gs://my-bucket/run")
+
+
 def truncate_half(path: str) -> None:
     with open(path, "rb") as f:
         raw = f.read()
@@ -622,6 +633,9 @@ CASES = [
          lambda c: run_cli(f"--config={DIGITS}", f"--workdir={c.fresh_workdir()}", "--config.dataset.name=fashion_mnist",
                            "--config.dataset.data_dir=/nonexistent"),
          "exit 3", "Fashion-MNIST file /nonexistent/train-images-idx3-ubyte.gz does not exist"),
+    Case("gcs_workdir_without_gcsfs", "gs:// workdir without the gcs extra", "--workdir=gs://my-bucket/run, "
+         "gcsfs not installed", train_on_gcs_without_gcsfs,
+         "ConfigError", "needs the gcsfs package: pip install 'clrjax[gcs]'"),
 ]
 
 
