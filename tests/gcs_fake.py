@@ -9,7 +9,9 @@ conditionally on it (without it: ``Malformed StorageGeneration``), so both are
 added here as GCS documents them (JSON API reference, "Objects: get" and
 "Objects: insert"; "Request preconditions": a failed ``ifGenerationMatch`` is
 412, a matching ``ifGenerationNotMatch`` on a download is 304;
-``ifGenerationMatch=0`` means "only if the object does not exist").
+``ifGenerationMatch=0`` means "only if the object does not exist"). It also serves
+one connection at a time, which a client's idle pooled connection stalls (seen as a
+hung Orbax restore): connections get threads, requests still run one at a time.
 
 ``python tests/gcs_fake.py PORT BUCKET`` serves in memory until killed;
 :class:`FakeGcs` starts that as a subprocess and gives the environment that
