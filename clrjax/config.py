@@ -65,6 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.vocab_file = ""           # sentencepiece: the trained .model file; bpe: a tokenizers tokenizer.json
     c.text.context_length = 77       # tokens per caption incl. sot and eot (CLIP 77, SigLIP 64)
 
+    c.image_tower = ml_collections.ConfigDict()  # image-text methods (clip, siglip): the image side; unused by others
+    c.image_tower.init_from = ""     # run directory or export whose encoder starts the image tower; "" = random init
+    c.image_tower.locked = False     # LiT (Zhai et al. 2022): image encoder frozen, BatchNorm in inference mode
+    c.image_tower.projection = True  # linear map of the features to projector.out_dim; False: features are the embedding
+    c.text_tower = ml_collections.ConfigDict()  # image-text methods: the text Transformer (clrjax/models/text.py)
+    c.text_tower.preset = "tiny"     # TEXT_PRESETS name: tiny | clip_b | clip_l | siglip_b (ids from config.text)
+
     c.augment = ml_collections.ConfigDict()  # on-device augmentation of the two views
     c.augment.crop_size = 32         # output side of the random resized crop (pixels; 224 for ImageNet)
     c.augment.crop_scale = (0.08, 1.0)  # crop area range as a fraction of the image (SimCLR app. A)
@@ -525,6 +532,10 @@ FIELD_SPECS = {
     "text.vocab_file": Str(fix="a SentencePiece .model or tokenizers tokenizer.json file (\"\" for bytes)"),
     "text.context_length": Int(lo=3, cap=MAX_WIDTH, why="the width bound",
                                fix="a whole number >= 3 (sot, a token, eot) such as 77"),
+    "image_tower.init_from": Str(fix="a clrjax run directory or export directory (\"\" = random init)"),
+    "image_tower.locked": Bool(),
+    "image_tower.projection": Bool(),
+    "text_tower.preset": Str(choices=("tiny", "clip_b", "clip_l", "siglip_b")),
     "augment.crop_size": Int(lo=1, cap=MAX_SIDE, why="the image-side bound", fix="a positive integer such as 32"),
     "augment.crop_scale": Pair(lo=0, hi=1, fix="'(0.08, 1.0)'"),
     "augment.crop_ratio": Pair(lo=0, fix="'(0.75, 1.3333)'"),
@@ -616,6 +627,7 @@ LOSS_SPECS = {
     "beta": Num(lo=0, hi=1, hi_open=True, fix="a value such as 0.9"),
     "rho": _NON_NEGATIVE,
     "label_smoothing": Num(lo=0, hi=1, hi_open=True, fix="a value such as 0.1"),
+    "siglip.impl": Str(choices=("ppermute", "all_gather")),  # '<method>.<keyword>': that method's own range
 }
 
 
@@ -702,7 +714,8 @@ def _check_loss_kwargs(config, method) -> None:
         if key not in defaults:
             _fail(f"loss.{key}", f"is not an argument of the {config.method} loss",
                   _suggest(key, sorted(defaults)))
-        LOSS_SPECS.get(key, Like(default=defaults[key])).check(f"loss.{key}", config.loss[key], config)
+        spec = LOSS_SPECS.get(f"{config.method}.{key}") or LOSS_SPECS.get(key, Like(default=defaults[key]))
+        spec.check(f"loss.{key}", config.loss[key], config)
 
 
 def _check_loss_layout(config, num_devices: Optional[int]) -> None:

@@ -41,7 +41,7 @@ from clrjax import config as config_lib
 from clrjax import gradient_cache
 from clrjax import methods, metrics as metrics_lib, optim, parallel, profiling, state_sharding
 from clrjax import storage, workdir_lock
-from clrjax.data import datasets, pipeline, sources
+from clrjax.data import datasets, pipeline, sources, tokenizers
 
 
 class NonFiniteError(RuntimeError):
@@ -128,6 +128,10 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
     steps_per_epoch, total_steps = total_training_steps(config, len(train_source))
     config_lib.check_profile_steps(config, total_steps)
     method = methods.get(config.method)
+    if hasattr(method, "for_config"):  # a method whose parameter groups depend on the config (LiT's lock)
+        method = method.for_config(config)
+    if getattr(method, "uses_text", False):  # image-text methods: the data pipeline tokenizes the captions
+        train_source.tokenizer = tokenizers.get_tokenizer(config.text.to_dict())
     model = method.build_model(config, train_source.num_classes)
     tx, schedule = build_optimizer(config, steps_per_epoch, total_steps, method)
     return Experiment(config=config, model=model, method=method, tx=tx,

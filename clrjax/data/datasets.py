@@ -64,6 +64,11 @@ DATASETS = Registry("dataset", {
     "csv": "clrjax.data.folders:CSV",
     "tsv": "clrjax.data.folders:TSV",
     "webdataset": "clrjax.data.webdataset:DATASET",
+    "digits_captions": "clrjax.data.class_captions:DIGITS",
+    "fashion_mnist_captions": "clrjax.data.class_captions:FASHION_MNIST",
+    "cifar10_captions": "clrjax.data.class_captions:CIFAR10",
+    "cifar100_captions": "clrjax.data.class_captions:CIFAR100",
+    "imagenet2012_captions": "clrjax.data.class_captions:IMAGENET2012",
 }, attribute="DATASET")
 
 

@@ -18,6 +18,8 @@ METHODS = Registry("method", {
     "byol": "clrjax.methods.byol:METHOD",
     "moco_v3": "clrjax.methods.moco_v3:METHOD",
     "moco_v2": "clrjax.methods.moco_v2:METHOD",
+    "clip": "clrjax.methods.clip:METHOD",
+    "siglip": "clrjax.methods.siglip:METHOD",
 }, attribute="METHOD")
 
 

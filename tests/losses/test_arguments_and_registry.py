@@ -56,7 +56,7 @@ def _kwarg_names(name):
 
 def test_registry_names_and_errors():
     assert methods.names() == ("simclr", "barlow_twins", "vicreg", "tico", "supcon", "supervised", "byol",
-                               "moco_v3", "moco_v2")
+                               "moco_v3", "moco_v2", "clip", "siglip")
     with pytest.raises(ValueError, match="simclr, barlow_twins, vicreg, tico"):
         methods.get("swav")
     assert _kwarg_names("simclr") == ("temperature", "decoupled", "chunk_size", "monitors")

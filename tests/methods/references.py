@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.losses import reference
+from tests.losses import reference, reference_image_text
 
 
 def _simclr(z, labels, state, kw, xp):
@@ -74,6 +74,23 @@ def _moco_v2(z, labels, state, kw, xp):
     return loss, dict(state, queue=queue, queue_ptr=np.float64(ptr))
 
 
+def _image_text_inputs(z, count):
+    """(images [N, d], texts [N, d], scalars): views 0 and 1 of 'embeddings'; the first ``count``
+    numbers of row 0 of 'logit_params' are the learnable scalars (clrjax/methods/image_text.py)."""
+    scalars = z["logit_params"].reshape(z["logit_params"].shape[0], -1)[0, :count]
+    return z["embeddings"][:, 0], z["embeddings"][:, 1], [scalars[i] for i in range(count)]
+
+
+def _clip(z, labels, state, kw, xp):
+    img, txt, (logit_scale,) = _image_text_inputs(z, 1)
+    return reference_image_text.clip(img, txt, logit_scale, xp=xp), state
+
+
+def _siglip(z, labels, state, kw, xp):
+    img, txt, (log_t, bias) = _image_text_inputs(z, 2)
+    return reference_image_text.siglip(img, txt, log_t, bias, xp=xp), state
+
+
 def _stop_gradient(xp):
     if xp is np:
         return lambda x: x
@@ -91,4 +108,6 @@ REFERENCES = {
     "byol": _byol,
     "moco_v3": _moco_v3,
     "moco_v2": _moco_v2,
+    "clip": _clip,
+    "siglip": _siglip,
 }
