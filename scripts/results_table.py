@@ -129,6 +129,12 @@ def format_duration(seconds: Optional[float], estimated: bool) -> str:
 # --------------------------------------------------------------------------- one run, the table
 
 
+def method_label(config) -> str:
+    """The method's name, with its crops when it trained with multi-crop: 'simclr (2+4 crops)'."""
+    num_local = config.augment.get("multicrop", {}).get("num_local", 0)
+    return f"{config.method} (2+{num_local} crops)" if num_local else config.method
+
+
 def evaluate_run_dir(workdir: str, shots: int, seeds: int, cache: dict, progress: bool) -> dict:
     """Every number of one table row; ``cache`` keeps results other rows can share."""
     from clrjax.evaluation import restore, run_eval
@@ -136,7 +142,7 @@ def evaluate_run_dir(workdir: str, shots: int, seeds: int, cache: dict, progress
     encoder = restore.from_workdir(workdir)
     config = encoder.config
     mesh = run_eval.eval_mesh()
-    row = {"workdir": os.path.abspath(workdir), "method": config.method, "dataset": config.dataset.name,
+    row = {"workdir": os.path.abspath(workdir), "method": method_label(config), "dataset": config.dataset.name,
            "model": encoder.model_cfg["name"], "step": encoder.step}
     seconds, estimated = training_seconds(workdir, int(config.batch_size))
     row["train_seconds"], row["train_seconds_estimated"] = seconds, estimated
