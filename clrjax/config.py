@@ -832,8 +832,11 @@ def _check_multicrop(config, method) -> None:
     if mc.num_local == 0:
         return
     if not method.supports_multicrop:
+        from clrjax import methods  # local: the registry lists the methods that do support it
+
+        able = [n for n in methods.names() if methods.get(n).supports_multicrop]
         _fail("augment.multicrop.num_local", f"is {mc.num_local} but the {config.method} method does not "
-              "support multi-crop (byol, moco_v3, simclr and supcon do)", "set --config.augment.multicrop.num_local=0")
+              f"support multi-crop ({', '.join(able)} do)", "set --config.augment.multicrop.num_local=0")
     if mc.local_scale[1] > mc.global_scale[1]:
         _fail("augment.multicrop.local_scale", f"is {tuple(mc.local_scale)} but local crops may not cover more of "
               f"the image than the global crops (global_scale {tuple(mc.global_scale)})",
@@ -841,7 +844,7 @@ def _check_multicrop(config, method) -> None:
     if mc.local_size > config.augment.crop_size:
         _fail("augment.multicrop.local_size", f"is {mc.local_size} but local crops must not be larger than the "
               f"global crops (augment.crop_size={config.augment.crop_size})",
-              f"set it to at most {config.augment.crop_size}, e.g. {max(1, (3 * config.augment.crop_size) // 7)}")
+              f"set it to at most {config.augment.crop_size}, e.g. {max(1, config.augment.crop_size // 2)}")
     from clrjax import models  # local: the encoder says which input sides it takes
 
     try:
