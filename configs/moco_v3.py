@@ -21,8 +21,8 @@ def get_config(arg=None):
         _imagenet_vit(c)
     if c.model.name.startswith("vit"):
         # Sec. 4.2 "random patch projection": the patch projection stays at its random init, for
-        # stability; official vits.py (stop_grad_conv1) freezes proj.weight and proj.bias, and every
-        # ViT command of CONFIG.md passes --stop-grad-conv1.
+        # stability; official vits.py (stop_grad_conv1) freezes proj.weight and proj.bias, and the
+        # three ViT pre-training commands of CONFIG.md pass --stop-grad-conv1.
         c.optimizer.freeze = ("encoder/patch_embed",)
     return c
 
