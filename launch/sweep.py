@@ -423,7 +423,7 @@ RUN=${{RUNS[$SLURM_ARRAY_TASK_ID]}}
 # sweep.py records ROOT/$RUN/status.json and passes SIGTERM on, so the run saves first.
 # srun makes the run a job step: SLURM signals it directly, and with several nodes JAX's SLURM
 # detection starts one process per node.
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" launch/sweep.py run {sweep} --config={config} \\
+srun --kill-on-bad-exit=0 --wait=120 --ntasks-per-node=1 "$PYTHON" launch/sweep.py run {sweep} --config={config} \\
     --workdir={root} --only="$RUN"{script}{extra} &
 child=$!
 interrupted=0

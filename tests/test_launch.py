@@ -219,7 +219,7 @@ def test_slurm_dry_run_one_process_per_node_drives_all_gpus():
     proc = _bash(SLURM, "experiments/train.py", "--config=configs/simclr.py:imagenet", "--workdir=/shared/r",
                  env={"DRY_RUN": "1", "SLURM_GPUS_ON_NODE": "4"})
     assert proc.returncode == 0, proc.stderr
-    assert ("srun --kill-on-bad-exit=1 --ntasks-per-node=1 python experiments/train.py "
+    assert ("srun --kill-on-bad-exit=0 --wait=120 --ntasks-per-node=1 python experiments/train.py "
             "--config=configs/simclr.py:imagenet --workdir=/shared/r --local_device_ids=0,1,2,3") in proc.stdout
     assert "scontrol requeue" in proc.stdout
 
@@ -228,7 +228,7 @@ def test_slurm_dry_run_one_process_per_gpu_leaves_devices_to_jax():
     proc = _bash(SLURM, "experiments/train.py", "--workdir=/shared/r",
                  env={"DRY_RUN": "1", "SLURM_NTASKS_PER_NODE": "8"})
     assert proc.returncode == 0, proc.stderr
-    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=8 python experiments/train.py --workdir=/shared/r" in proc.stdout
+    assert "srun --kill-on-bad-exit=0 --wait=120 --ntasks-per-node=8 python experiments/train.py --workdir=/shared/r" in proc.stdout
     assert "--local_device_ids" not in proc.stdout
 
 
