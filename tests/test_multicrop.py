@@ -9,7 +9,10 @@
 * With no local crops each equals the existing two-view loss (the methods
   call the two-view losses then; this checks the multi-crop definitions
   extend them).
-* 1 vs 8 simulated devices under shard_map: value and gradient (1e-5 / 1e-4).
+* 1 vs 8 simulated devices under shard_map: value and gradient (1e-5 / 1e-4);
+  under pmap: each device's value and the pmean of a replicated parameter's
+  gradient. The methods (byol, moco_v3, simclr, supcon) send [B, 2 + V, d]
+  outputs to these losses.
 * Views: 0 local crops is the two-view path bit for bit; global crops are
   the two views with global_scale; each crop has its own key; views do not
   depend on which examples share the batch.
@@ -205,6 +208,45 @@ def test_gradient_equals_float64_central_differences_of_the_loop(name):
         minus[entry] -= eps
         numeric = (ref(plus, target, labels) - ref(minus, target, labels)) / (2 * eps)
         assert abs(grad[entry] - numeric) <= GRAD_RTOL * np.max(np.abs(grad)), (entry, grad[entry], numeric)
+
+
+@pytest.mark.parametrize("name", ["byol", "moco_v3", "supcon"])
+def test_pmap_with_pmean_of_parameter_gradient(name):
+    """Under jax.pmap (8 devices) each device's loss and the pmean of a replicated W's gradient
+    (online = x W) equal the one-device ones."""
+    run = CASES[name][0]
+    online, target, labels = _random(6)
+    w = jnp.float32(np.random.default_rng(7).normal(size=(D, D)) / np.sqrt(D))
+
+    def objective(w, x, t, y, axis_name=None):
+        return run(jnp.einsum("nmi,id->nmd", x, w), t, y, axis_name=axis_name)
+
+    args = (jnp.float32(online), jnp.float32(target), jnp.asarray(labels))
+    loss, grad = jax.jit(jax.value_and_grad(objective))(w, *args)
+
+    def device_step(w, x, t, y):
+        value, g = jax.value_and_grad(functools.partial(objective, axis_name="data"))(w, x, t, y)
+        return value, jax.lax.pmean(g, "data")
+
+    split = lambda a: a.reshape((8, -1) + a.shape[1:])  # noqa: E731
+    values, grads = jax.pmap(device_step, axis_name="data", devices=jax.devices()[:8])(
+        jnp.broadcast_to(w, (8,) + w.shape), *map(split, args))
+    np.testing.assert_allclose(np.asarray(values), float(loss), rtol=VALUE_RTOL)
+    for device in range(8):
+        np.testing.assert_allclose(np.asarray(grads[device]), np.asarray(grad), atol=GRAD_RTOL * float(jnp.max(jnp.abs(grad))))
+
+
+@pytest.mark.parametrize("name", ["byol", "moco_v3", "simclr", "supcon"])
+def test_methods_send_multicrop_outputs_to_the_multicrop_loss(name):
+    method = methods.get(name)
+    online, target, labels = _random(8)
+    kwargs = {"temperature": T} if name != "byol" else {}
+    outputs = ({"predictions": jnp.float32(online), "targets": jnp.float32(target)} if name in ("byol", "moco_v3")
+               else {"embeddings": jnp.float32(online)})
+    loss, _, _ = method.loss(outputs, {"label": jnp.asarray(labels)}, {}, **kwargs)
+    np.testing.assert_allclose(float(loss), float(CASES[name][0](jnp.float32(online), jnp.float32(target),
+                                                                 jnp.asarray(labels))), rtol=1e-6)
+    assert method.supports_multicrop
 
 
 def test_targets_get_no_gradient():
