@@ -86,9 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.solarize_threshold = 0.5  # pixels >= this (in [0, 1]) become 1 - x (BYOL)
     c.augment.mean = (0.5, 0.5, 0.5)  # per-channel normalisation mean (after augmentation)
     c.augment.std = (0.25, 0.25, 0.25)  # per-channel normalisation std
-    # Multi-crop (Caron et al. 2020, SwAV sec. 3.2; clrjax/methods/multicrop.py): the 2 views become
-    # global crops of crop_size px, plus num_local local crops; 0 = off (the 2 views above, unchanged).
-    c.augment.multicrop = ml_collections.ConfigDict()
+    # the 2 views become global crops of crop_size px, plus num_local local crops; 0 = off (unchanged)
+    c.augment.multicrop = ml_collections.ConfigDict()  # multi-crop (SwAV sec. 3.2; clrjax/methods/multicrop.py)
     c.augment.multicrop.num_local = 0  # V local crops per image (SwAV ImageNet: 6; 0 = no multi-crop)
     c.augment.multicrop.local_size = 96  # local crop side in pixels (SwAV: 96)
     c.augment.multicrop.local_scale = (0.05, 0.14)  # local crop area fraction (SwAV)
