@@ -70,6 +70,20 @@ def merge(tree: Any, mesh: Mesh | None = None) -> Any:
     return jax.tree.map(one, tree)
 
 
+def take(tree: Any, k: jax.Array, num_micro: int, mesh: Mesh | None = None) -> Any:
+    """Micro-batch ``k`` of :func:`split` (rows k, k + K, ...), read in place.
+
+    [B, ...] is viewed as [B/K, K, ...] (a free reshape, whose first axis keeps
+    each device's own rows) and column k is sliced out, so the whole batch is
+    never copied into the [K, B/K, ...] layout (for uint8 ImageNet images at
+    131,072 examples on 8 devices that copy alone was 24 GiB per device).
+    """
+    def one(x):
+        rows = _constrain(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), mesh, P(DATA_AXIS))
+        return _constrain(jax.lax.dynamic_index_in_dim(rows, k, axis=1, keepdims=False), mesh, P(DATA_AXIS))
+    return jax.tree.map(one, tree)
+
+
 def _constrain(x, mesh, spec):
     return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
@@ -92,22 +106,23 @@ def value_and_grad(forward: Callable, head: Callable, params: Any, inputs: Any, 
     Returns:
       ``((loss, aux), grads, extras)``; ``extras`` has a leading axis K.
     """
-    micro = split(inputs, num_micro, mesh)
+    ks = jnp.arange(num_micro)
 
-    def forward_only(_, micro_inputs):
-        return None, forward(params, micro_inputs)
+    def forward_only(_, k):
+        return None, forward(params, take(inputs, k, num_micro, mesh))
 
-    _, (outputs, extras) = jax.lax.scan(forward_only, None, micro)
+    _, (outputs, extras) = jax.lax.scan(forward_only, None, ks)
     (loss, aux), output_grads = jax.value_and_grad(head, has_aux=True)(merge(outputs, mesh))
     micro_grads = split(output_grads, num_micro, mesh)
 
     def pull_back(total, xs):
-        micro_inputs, cotangent = xs
+        k, cotangent = xs
+        micro_inputs = take(inputs, k, num_micro, mesh)
         _, vjp = jax.vjp(lambda p: forward(p, micro_inputs)[0], params)
         (grads,) = vjp(cotangent)
         return jax.tree.map(jnp.add, total, grads), None
 
-    grads, _ = jax.lax.scan(pull_back, jax.tree.map(jnp.zeros_like, params), (micro, micro_grads))
+    grads, _ = jax.lax.scan(pull_back, jax.tree.map(jnp.zeros_like, params), (ks, micro_grads))
     return (loss, aux), grads, extras
 
 

@@ -132,6 +132,11 @@ def test_split_and_merge_are_inverse_and_device_invariant():
     sharded = jax.device_put(x, parallel.batch_sharding(mesh))
     on_mesh = jax.jit(lambda a: gradient_cache.split(a, 3, mesh))(sharded)
     np.testing.assert_array_equal(np.asarray(on_mesh), np.asarray(gradient_cache.split(jnp.asarray(x), 3)))
+    # take(k) reads micro-batch k in place: the same rows as split(...)[k], on one device and on the mesh.
+    for k in range(3):
+        taken = jax.jit(lambda a, i: gradient_cache.take(a, i, 3, mesh))(sharded, k)
+        np.testing.assert_array_equal(np.asarray(taken), x[k::3])
+        np.testing.assert_array_equal(np.asarray(gradient_cache.take(jnp.asarray(x), k, 3)), x[k::3])
 
 
 # --------------------------------------------------------------------------- BatchNorm
