@@ -126,10 +126,7 @@ class SentencePieceTokenizer(_Tokenizer):
             raise TokenizerError("text.tokenizer is 'sentencepiece' but the sentencepiece package is not "
                                  "installed; pip install -e '.[text]' (or sentencepiece), or set "
                                  "--config.text.tokenizer=bytes.") from None
-        path = os.path.expanduser(str(model_path))
-        if not os.path.isfile(path):
-            raise TokenizerError(f"config.text.vocab_file is {model_path!r}, which does not exist; set "
-                                 f"--config.text.vocab_file to a SentencePiece .model file.")
+        path = _vocab_file(model_path, "a SentencePiece .model file")
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as err:
@@ -158,6 +155,15 @@ class SentencePieceTokenizer(_Tokenizer):
         return {"tokenizer": "sentencepiece", "vocab_file": self.model_path, "context_length": self.context_length}
 
 
+def _vocab_file(path: str, kind: str) -> str:
+    """``path`` with ``~`` expanded; a one-sentence error naming the field when it is not a file."""
+    file = os.path.expanduser(str(path))
+    if not os.path.isfile(file):
+        raise TokenizerError(f"config.text.vocab_file is {path!r}, which does not exist; set "
+                             f"--config.text.vocab_file to {kind}.")
+    return file
+
+
 _BPE_SPECIALS = {
     "sot": ("<|startoftext|>", "<s>", "[CLS]", "<bos>"),
     "eot": ("<|endoftext|>", "</s>", "[SEP]", "<eos>"),
@@ -174,10 +180,7 @@ class BpeTokenizer(_Tokenizer):
         except ImportError:
             raise TokenizerError("text.tokenizer is 'bpe' but the tokenizers package is not installed; pip install "
                                  "tokenizers, or set --config.text.tokenizer=bytes.") from None
-        file = os.path.expanduser(str(path))
-        if not os.path.isfile(file):
-            raise TokenizerError(f"config.text.vocab_file is {path!r}, which does not exist; set "
-                                 f"--config.text.vocab_file to a tokenizer.json file.")
+        file = _vocab_file(path, "a tokenizer.json file")
         try:
             self._tok = tokenizers.Tokenizer.from_file(file)
         except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception
