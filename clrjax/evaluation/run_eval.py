@@ -14,7 +14,10 @@ normalisation, :func:`clrjax.data.augment.preprocess_eval`):
 * few-shot linear probes, k = 1, 5, 10, 25 examples per class, mean and
   standard deviation over 5 draws (:mod:`clrjax.evaluation.fewshot`);
 * weighted kNN, k = 20 and 200, T = 0.07 (Wu et al. 2018, sec. 3.4),
-  blockwise (:mod:`clrjax.evaluation.knn`).
+  blockwise (:mod:`clrjax.evaluation.knn`);
+* a model with a text tower (CLIP, SigLIP, LiT) also gets zero-shot top-1/top-5
+  and image<->text retrieval Recall@1/5/10 on the test split
+  (:func:`clrjax.evaluation.zero_shot.image_text_report`).
 
 Feature extraction is data-parallel over this process's devices
 (:func:`eval_mesh`). At the end of ``experiments/train.py`` the ``features``
@@ -236,6 +239,9 @@ def evaluate_encoder(model, variables, config, mesh) -> dict:
     result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "linear_l2": linear["l2"]}
     for k, acc in knn.items():
         result[f"knn{k}_top1"] = acc["top1"]
+    if hasattr(model, "encode_text"):  # a text tower: zero-shot and retrieval on the test split
+        from clrjax.evaluation import zero_shot
+        result.update(zero_shot.image_text_report(model, parallel.replicate(variables, mesh), config, mesh))
     return result
 
 
@@ -265,11 +271,12 @@ def evaluate_run(result, include_random_init: bool = True) -> dict:
 
 
 def format_report(report: dict, workdir: str) -> str:
-    keys = [k for k in report["pretrained"] if k.endswith("top1") or k.endswith("top5")]
-    rows = [f"{'metric':<14}{'pretrained':>12}{'random init':>13}"]
+    keys = [k for k in report["pretrained"]
+            if k.endswith("top1") or k.endswith("top5") or k.startswith("retrieval_")]
+    rows = [f"{'metric':<18}{'pretrained':>12}{'random init':>13}"]
     for key in keys:
         rand = report.get("random_init", {}).get(key, float("nan"))
-        rows.append(f"{key:<14}{report['pretrained'][key]:>12.4f}{rand:>13.4f}")
+        rows.append(f"{key:<18}{report['pretrained'][key]:>12.4f}{rand:>13.4f}")
     rows.append(f"workdir: {storage.absolute(workdir)}")
     return "\n".join(rows)
 

@@ -126,6 +126,12 @@ class TwoTower(nn.Module):
         h = self.encoder(x, train=train and not self.locked)
         return jax.lax.stop_gradient(h) if self.locked else h
 
+    def embed_image(self, x) -> jax.Array:
+        """Images -> image embeddings [n, embed_dim] (not normalised), in inference mode: what zero-shot
+        and retrieval compare with :meth:`encode_text` (clrjax/evaluation/zero_shot.py)."""
+        h = self.encode(x, train=False)
+        return (self.image_projection(h) if self.project_image else h).astype(jnp.float32)
+
     def encode_text(self, tokens) -> jax.Array:
         """int32 tokens [n, L] -> text embeddings [n, embed_dim] (not normalised)."""
         return self.text_projection(self.text_encoder(tokens)).astype(jnp.float32)
