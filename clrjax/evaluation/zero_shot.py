@@ -61,7 +61,28 @@ RETRIEVAL_BLOCK = 4096  # texts per scoring block: 25k images x 4096 float32 sco
 
 @jax.jit
 def _block_scores(images, texts):
+    # Kept a program of its own: every score, own pair or not, comes from this one product, so
+    # ties are decided the same way whatever the block size (fused into a gather, the diagonal
+    # could be computed by a different reduction).
     return images @ texts.T
+
+
+@jax.jit
+def _own_of_block(scores, start):
+    """s_jj of the block's texts j = start + c (columns past N are clipped: dropped by the caller)."""
+    cols = jnp.arange(scores.shape[1])
+    return scores[jnp.minimum(start + cols, scores.shape[0] - 1), cols]
+
+
+@jax.jit
+def _counts_of_block(scores, own, start):
+    """(per image, per text of the block): other candidates scoring >= the own pair, self included."""
+    n, block = scores.shape
+    cols = start + jnp.arange(block)
+    valid = cols < n  # zero-padded texts of the last block
+    i2t = jnp.sum((scores >= own[:, None]) & valid[None, :], axis=1)
+    t2i = jnp.sum(scores >= own[jnp.minimum(cols, n - 1)][None, :], axis=0)
+    return i2t, t2i
 
 
 def _padded_blocks(texts, block: int):
@@ -74,21 +95,15 @@ def _padded_blocks(texts, block: int):
 def _ranks(images, texts, block: int):
     """(i2t, t2i) int32 [N]: how many other candidates score at least as high as the own pair."""
     n = images.shape[0]
-    own = []
-    for start, chunk in _padded_blocks(texts, block):  # pass 1: the own-pair scores s_ii
-        scores = _block_scores(images, chunk)
-        rows = jnp.arange(start, min(start + block, n))
-        own.append(scores[rows, rows - start])
-    own = jnp.concatenate(own)
-    i2t = jnp.zeros((n,), jnp.int32)
-    t2i = []
-    for start, chunk in _padded_blocks(texts, block):  # pass 2: count, padding columns masked out
-        scores = _block_scores(images, chunk)
-        valid = jnp.arange(block) < n - start
-        i2t = i2t + jnp.sum((scores >= own[:, None]) & valid, axis=1)
-        own_cols = jnp.pad(own[start:start + block], (0, max(0, start + block - n)))
-        t2i.append(jnp.sum(scores >= own_cols[None, :], axis=0)[:min(block, n - start)])
-    return i2t - 1, jnp.concatenate(t2i) - 1
+    # pass 1: the own-pair scores s_ii; pass 2: the counts (the product is recomputed: O(N x block) memory)
+    own = jnp.concatenate([_own_of_block(_block_scores(images, chunk), start)
+                           for start, chunk in _padded_blocks(texts, block)])[:n]
+    i2t, t2i = jnp.zeros((n,), jnp.int32), []
+    for start, chunk in _padded_blocks(texts, block):
+        rows, cols = _counts_of_block(_block_scores(images, chunk), own, start)
+        i2t = i2t + rows
+        t2i.append(cols)
+    return i2t - 1, jnp.concatenate(t2i)[:n] - 1
 
 
 def retrieval_recall(image_embeddings, text_embeddings, ks: Sequence[int] = (1, 5, 10),

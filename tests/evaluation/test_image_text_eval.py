@@ -53,6 +53,7 @@ def _digits_model():
 
     config = clip_config.get_config("digits")
     config.eval.batch_size = 16
+    config.model.widths = (8, 8, 16, 16)  # a smaller image tower: the wiring, not the model, is tested
     base = sources.load_source(config.dataset.to_dict(), config.dataset.test_split).base
     n = 37  # not a multiple of the 8 devices or of the batch: the padding is exercised
     rows = base[np.arange(n)]
@@ -68,14 +69,16 @@ def _digits_model():
 def _reference(config, source, model, variables, rows):
     """Zero-shot and retrieval from one-device tower outputs, projections and scoring in float64."""
     x = augment.preprocess_eval(jnp.asarray(rows["image"]), config.augment.to_dict())
-    h = np.asarray(model.apply(variables, x, method=model.encode), np.float64)
+    # jitted (an eager ResNet is slow), on one device, all rows in one call
+    h = np.asarray(jax.jit(lambda v, x: model.apply(v, x, method=model.encode))(variables, x), np.float64)
     img = h @ np.asarray(variables["params"]["image_projection"]["kernel"], np.float64)
     tok = tokenizers.get_tokenizer(config.text.to_dict())
     length = config.text.context_length
 
     def text(strings):
-        return np.asarray(model.apply(variables, jnp.asarray(tok.encode_batch(strings, length)),
-                                      method=model.encode_text), np.float64)
+        tokens = jnp.asarray(tok.encode_batch(strings, length))
+        return np.asarray(jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))(variables, tokens),
+                          np.float64)
 
     names, templates = class_captions.DIGIT_NAMES, class_captions.TEMPLATES
     classes = _unit(np.stack([_unit(text([t.format(c) for t in templates])).mean(0) for c in names]))
