@@ -19,7 +19,10 @@ def test_outputs_replicated_with_out_specs_p(name, impl):
     method = methods.get(name)
     takes_impl = "impl" in method.loss_kwarg_defaults()
     takes_chunks = "chunk_size" in method.loss_kwarg_defaults()
-    kwargs = {"impl": impl} if takes_impl else {}
+    # A loss with its own layouts (config.LOSS_SPECS '<method>.impl') runs its two layouts in the two slots.
+    own = config_lib.LOSS_SPECS.get(f"{name}.impl")
+    layout = own.choices[("replicated", "column_split").index(impl)] if own is not None else impl
+    kwargs = {"impl": layout} if takes_impl else {}
     if takes_chunks and impl == "column_split":
         kwargs = {"chunk_size": 8}
     if not (takes_impl or takes_chunks) and impl == "column_split":
