@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.test_multiprocess import (LAST_STEP, LOCAL, ROOT, TINY, TRAIN, assert_same_state, finish, logged,
                                      restore_on_host, resume_copy)
@@ -30,6 +31,9 @@ def two_processes(workdir, *flags):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# slow: 2 processes x 4 devices; the default suite checks fsdp on 8 devices of one process
+# (tests/test_fsdp.py) and multi-process training replicated (tests/test_multiprocess.py).
+@pytest.mark.slow
 def test_two_process_fsdp_matches_one_process_replicated_and_checkpoints_cross(tmp_path):
     dirs = {name: tmp_path / name for name in ("replicated", "fsdp", "fsdp_to_replicated", "replicated_to_fsdp")}
     replicated, sharded = one_process(dirs["replicated"]), two_processes(dirs["fsdp"], *FSDP)

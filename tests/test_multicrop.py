@@ -373,6 +373,8 @@ MULTICROP = {"augment.multicrop.num_local": 2, "augment.multicrop.local_size": 4
              "augment.multicrop.local_scale": (0.1, 0.4), "augment.multicrop.global_scale": (0.4, 1.0)}
 
 
+# slow: the multi-crop losses' 1 vs 8 device equality (values and gradients) is tested above
+@pytest.mark.slow
 def test_byol_2_plus_2_crops_on_8_devices_equals_1_device():
     config = tiny_config("byol", **MULTICROP)
     config_lib.validate_config(config, num_devices=8)
@@ -394,6 +396,8 @@ def test_byol_multicrop_resume_is_bit_exact(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, pieces, whole)
 
 
+# slow: gradient caching of pytree views is also tested by the two-tower methods' test
+@pytest.mark.slow
 def test_gradient_caching_with_multicrop_equals_full_batch():
     """The crop pytree is split by rows: 4 micro-batches give the full-batch gradient (a ViT without
     cross-example statistics, so the two are the same objective; tolerance as tests/test_gradient_cache.py)."""
