@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from http import HTTPStatus
@@ -130,8 +131,11 @@ class FakeGcs:
         self._proc = None
 
     def __enter__(self) -> "FakeGcs":
+        # The server logs every request it cannot serve (orbax probes for absent files); into an undrained
+        # pipe that fills after 64 KiB and blocks the server mid-request, hanging the client for good.
+        self._log = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(self.port), self.bucket],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                      stdout=self._log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -150,11 +154,14 @@ class FakeGcs:
         if self._proc.poll() is None:
             self._proc.terminate()
         try:
-            output = self._proc.communicate(timeout=10)[0] or ""
+            self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
-            output = self._proc.communicate()[0] or ""
+            self._proc.wait()
         self._proc = None
+        self._log.seek(0)
+        output = self._log.read()
+        self._log.close()
         return output
 
     def __exit__(self, *exc) -> None:

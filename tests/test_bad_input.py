@@ -40,6 +40,7 @@ import pytest
 from clrjax import config as config_lib
 from clrjax import train
 from clrjax.data import sources
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CLI = os.path.join(ROOT, "experiments", "train.py")
@@ -152,7 +153,7 @@ def _is_log_line(line: str) -> bool:
 
 
 def run_cli(*args: str, devices: int = 2, program: str = TRAIN_CLI) -> None:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, program, *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     raise CliExit(proc.returncode, proc.stderr)

@@ -15,12 +15,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clrjax import benchmarking
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.widths=(8,16,16,16)", "--config.projector.hidden_dims=(32,)",
         "--config.projector.out_dim=16", "--config.batch_size=64"]
-# The harness is checked, not the speed: cheaper XLA CPU codegen halves compile time.
-FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.mark.parametrize("kind, peak", [
@@ -47,7 +46,7 @@ def test_cost_analysis_flops_are_per_device():
 def test_benchmark_cli_all_modes(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8" + FAST_COMPILE)
+               XLA_FLAGS=xla_flags(8))
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"),
            "--config=" + os.path.join(ROOT, "configs", "simclr.py") + ":digits", *TINY,
            "--mode=step,input,loss", "--sweep_batch=32,64", "--steps=2", "--warmup=1",

@@ -27,6 +27,7 @@ import pytest
 from clrjax import checkpoint as ckpt_lib
 from clrjax import config as config_lib
 from clrjax import parallel, train
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One config for the in-process and the CLI runs: the same programs, so the compilation cache serves all.
@@ -39,7 +40,7 @@ OVERRIDES = {
 
 
 # One device, in-process and in the CLI runs: 8 simulated devices on 2 cores compile and step slower.
-ONE_DEVICE_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ONE_DEVICE_ENV = dict(os.environ, XLA_FLAGS=xla_flags(1))
 
 
 def one_device_mesh():

@@ -25,6 +25,7 @@ import pytest
 from clrjax import config as config_lib
 from clrjax import methods
 from tests.test_bad_input import with_value as _with  # any type: a plain dict round trip skips type checks
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 17
@@ -231,7 +232,7 @@ def _cli_draws():
 
 @pytest.mark.parametrize("field,value", _cli_draws(), ids=lambda x: str(x)[:40])
 def test_cli_drawn_bad_value_exits_3_with_one_line(tmp_path, field, value):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
                            "--config=" + os.path.join(ROOT, "configs", "simclr.py") + ":digits",
                            f"--workdir={tmp_path / 'run'}", f"--config.{field}={_flag_text(value)}"],

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from tests.test_multiprocess import (LAST_STEP, LOCAL, ROOT, TINY, TRAIN, assert_same_state, finish, logged,
+from tests.xla_env import xla_flags
                                      restore_on_host, resume_copy)
 
 FSDP = ["--config.sharding.mode=fsdp", "--config.sharding.min_size=256"]
 
 
 def one_process(workdir, *flags):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, TRAIN, f"--workdir={workdir}", *TINY, *flags], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, "launch", "local.py")
@@ -29,7 +30,7 @@ LAST_STEP = 6
 
 
 def one_process(workdir, devices=8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, TRAIN, f"--workdir={workdir}", *TINY], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

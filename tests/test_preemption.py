@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from clrjax import checkpoint as ckpt_lib
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_PREEMPTED = 75
@@ -37,7 +38,7 @@ def _cmd(workdir, steps, every):
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    return dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
 
 
 def _run(workdir, steps, every):

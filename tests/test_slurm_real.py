@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
@@ -135,7 +136,7 @@ def _job_env(directory: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_CONF=os.path.join(directory, "slurm.conf"), PYTHON=sys.executable,
                CLRJAX_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+               XLA_FLAGS=xla_flags(1), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     return env
 
 
@@ -464,7 +465,7 @@ def test_sweep_array_of_real_runs_resumes_bit_identical(slurm, tmp_path):
         run = json.loads(open(os.path.join(workdir, "status.json")).read())
         reference = os.path.join(str(tmp_path), "reference", os.path.basename(workdir))
         argv = [a.replace(workdir, reference) for a in shlex.split(run["command"])]
-        env = dict(slurm.env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env = dict(slurm.env, XLA_FLAGS=xla_flags(1))
         subprocess.run(argv, env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
         _assert_bit_identical(_saved_state(workdir, NUM_STEPS), _saved_state(reference, NUM_STEPS))
 

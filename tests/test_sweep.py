@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from launch import hyper, sweep
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "launch", "sweep.py")
@@ -276,7 +277,7 @@ def test_sweep_runs_locally_and_a_failed_run_does_not_stop_the_others(tmp_path):
                                        hyper.sweep("optimizer.lr", [1e-3, 3e-3]))
         """, name="tiny")
     root = tmp_path / "root"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, SWEEP, "run", path, f"--config={CONFIG}", f"--workdir={root}",
                            "--parallel=2", f"--extra={TINY}"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one run failed
