@@ -9,6 +9,10 @@ Writes (clrjax/export.py; loading per format: docs/EVALUATION.md):
   model_config.json, preprocessing.json (mean, std, image_size of the run's eval preprocessing),
   encoder/ (Orbax), encoder.safetensors, encoder_torchvision.pt (ResNet) or encoder_timm.pt (ViT),
   export_source.json (the run directory, checkpoint step, network and the run's config).
+Image-text runs (clip, siglip) also get both towers: image_text.json (text tower, tokenizer settings,
+learned logit scale / SigLIP bias), tokenizer/<vocabulary file> (SentencePiece/BPE only),
+image_text/ (Orbax) and image_text.safetensors (both towers in one file); load them with
+clrjax.export.load_image_text (encode_image, encode_text). load_encoder still reads the image encoder.
 --network=target exports the EMA target encoder of a momentum method (BYOL, MoCo) instead of
 the online encoder. An --out that holds another run's (or network's) export is refused unless
 --overwrite; re-exporting the same run replaces its own export.
@@ -45,22 +49,88 @@ def _check_flags() -> None:
 def main(argv):
     del argv
     _check_flags()
+    from clrjax.data import tokenizers
     from clrjax.evaluation import restore
 
     requested = _FORMATS.value if flags.FLAGS["formats"].present else None
     out = storage.absolute(_OUT.value or storage.join(_WORKDIR.value, "export"))
     try:
+        towers = two_towers_of_run(_WORKDIR.value)  # before anything is written: a missing vocabulary fails here
         written, notes, encoder = cli.write_or_fail("export", lambda: restore.export_run(
             _WORKDIR.value, _OUT.value, requested, _STEP.value, network=_NETWORK.value,
             overwrite=_OVERWRITE.value), "the export", under=out)
-    except restore.EvalInputError as err:
+        written.update(cli.write_or_fail("export", lambda: write_text_side(encoder, out, towers, requested),
+                                         "the export", under=out))
+    except (restore.EvalInputError, tokenizers.TokenizerError) as err:
         cli.fail("export", err)
     for note in notes:
         print(f"export: note: {note}")
-    formats = ", ".join(k for k in written if k not in ("config", "preprocessing"))
+    formats = ", ".join(k for k in written if k in ("orbax", "safetensors", "torch"))
     network = " (target network)" if encoder.network != "online" else ""
-    print(f"exported {encoder.model_cfg['name']} of {encoder.path} step {encoder.step}{network} ({formats}) "
+    what = encoder.model_cfg["name"] + (" + text tower" if "image_text" in written else "")
+    print(f"exported {what} of {encoder.path} step {encoder.step}{network} ({formats}) "
           f"-> {storage.dirname(written['config'])}", flush=True)
+
+
+def two_towers_of_run(workdir: str):
+    """(TwoTower module, tokenizer) of an image-text run (clip, siglip), or None for other methods.
+
+    Built from the run's config.json as training builds them (the method's ``build_model``),
+    with ``image_tower.init_from`` cleared: the checkpoint holds the image tower, so a LiT
+    run's source need not exist any more. Raises TokenizerError (a ValueError) when the
+    tokenizer's vocabulary file is gone.
+    """
+    from clrjax import methods
+    from clrjax.data import tokenizers
+    from clrjax.evaluation import restore
+
+    if not storage.isfile(storage.join(workdir, restore.CONFIG_FILE)):
+        return None  # not a run: restore.export_run says so
+    config = restore.load_run_config(workdir)
+    if not getattr(methods.get(config.method), "uses_text", False):
+        return None
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.image_tower.init_from = ""
+    model = methods.get(config.method).build_model(config, num_classes=1)  # the probe is not exported
+    return model, tokenizers.get_tokenizer(config.text.to_dict())
+
+
+def write_text_side(encoder, out: str, towers, requested) -> dict:
+    """Adds the text tower, tokenizer and learned scalars to ``out`` (clrjax.export.write_image_text_files).
+
+    ``encoder`` is what restore.export_run exported (its step and config); the rest of the
+    two-tower parameters are read from the same checkpoint step. A non-image-text export
+    into ``out`` removes the image-text files of an export it replaced.
+    """
+    import jax
+
+    from clrjax import export as export_lib
+    from clrjax.evaluation import restore
+
+    if jax.process_index() == 0:  # restore.export_run has removed the encoder files of a replaced export
+        export_lib.remove_image_text_files(out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("clrjax_image_text_files_removed")
+    if towers is None:
+        return {}
+    formats = [f for f in (requested or export_lib.FORMATS) if f != "torch"]
+    if not formats:
+        logging.warning("export: --formats=torch writes the image encoder alone; the text tower is written in "
+                        "the orbax and safetensors formats.")
+        return {}
+    model, tokenizer = towers
+    checkpointer, step = restore.checkpoint_step(encoder.path, encoder.step)
+    try:
+        state = checkpointer.restore_subtree(step, keys=("params",))
+    finally:
+        checkpointer.close()
+    variables = {"params": state["params"], "batch_stats": {"encoder": encoder.variables.get("batch_stats", {})}}
+    return export_lib.write_image_text_files(
+        out, encoder.model_cfg, model, variables, tokenizer, method=encoder.config.method,
+        augment=encoder.config.augment.to_dict(), preprocessing=restore.preprocessing_of(encoder.config),
+        formats=formats)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,15 @@ def train_on_gcs_without_gcsfs(ctx: Context) -> None:
         train_on(ctx, "gs://my-bucket/run")
 
 
+def load_towers_of_encoder_export(ctx: Context) -> None:
+    """clrjax.export.load_image_text on the export of a SimCLR run (an image encoder, no text tower)."""
+    from clrjax.evaluation import restore
+    from clrjax.export import load_image_text
+
+    restore.export_run(ctx.saved_run(), ctx.path("export"), formats=["orbax"])
+    load_image_text(ctx.path("export"))
+
+
 def truncate_half(path: str) -> None:
     with open(path, "rb") as f:
         raw = f.read()
@@ -658,6 +667,10 @@ CASES = [
          "export.py --formats=onnx",
          lambda c: run_program("export", f"--workdir={c.saved_run()}", "--formats=onnx"),
          "exit 3", "export: --formats=onnx must be a comma-separated list of orbax, safetensors, torch"),
+    Case("image_text_of_an_encoder_export", "both towers asked of an export without a text tower",
+         "clrjax.export.load_image_text(<the export of a simclr run>)", load_towers_of_encoder_export,
+         "ValueError", "is an image-encoder export without a text tower (no image_text.json); load its encoder "
+                       "with clrjax.export.load_encoder"),
     Case("cli_benchmark_zero_steps", "zero timed steps, benchmark", "benchmark.py --steps=0",
          lambda c: run_program("benchmark", f"--config={DIGITS}", "--steps=0", f"--json_out={c.path('b.json')}"),
          "exit 3", "benchmark: --steps=0 must be a positive integer"),
