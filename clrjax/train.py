@@ -41,7 +41,7 @@ from clrjax import config as config_lib
 from clrjax import gradient_cache
 from clrjax import methods, metrics as metrics_lib, optim, parallel, profiling, state_sharding
 from clrjax import storage, workdir_lock
-from clrjax.data import datasets, pipeline, sources, tokenizers
+from clrjax.data import counters as data_counters, datasets, pipeline, sources, tokenizers
 
 
 class NonFiniteError(RuntimeError):
@@ -472,7 +472,7 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
                                          async_save=config.checkpoint.async_save)
     for leftover in checkpointer.leftovers:
         logging.warning("Ignoring incomplete checkpoint %s (an interrupted save).", leftover)
-    latest, elapsed_before = None, 0.0
+    latest, elapsed_before, cut_before = None, 0.0, 0
     try:
         # Verified against the checksums saved with it; damaged newer steps are moved aside
         # with a warning, none intact raises NoIntactCheckpointError (clrjax/checkpoint.py).
@@ -488,6 +488,7 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
     if restored is not None:
         latest, state, meta = restored
         elapsed_before = float(meta.get("elapsed_s", 0.0))
+        cut_before = data_counters.restored_captions_cut(meta)
         _announce(main, f"Resumed from step {latest} in {checkpointer.directory}")
     if main:
         metrics_lib.write_config_json(workdir, config)
@@ -501,7 +502,8 @@ def _train_locked(exp, config, workdir, main, allow_config_change, stop_after_st
 
     end = exp.total_steps if stop_after_steps is None else min(exp.total_steps, start + stop_after_steps)
     try:
-        result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop, elapsed_before)
+        result = _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop, elapsed_before,
+                            cut_before)
     except BaseException:
         # The error that stopped the run is the one to report; a second one
         # from shutting down the checkpoint manager would only hide it.
@@ -539,8 +541,9 @@ def _last_logged(workdir: str) -> dict:
 
 
 def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
-               elapsed_before: float = 0.0) -> RunResult:
-    """Steps ``start..end``; ``elapsed_before`` is the training time of earlier invocations."""
+               elapsed_before: float = 0.0, captions_cut_before: int = 0) -> RunResult:
+    """Steps ``start..end``; ``elapsed_before`` is the training time of earlier invocations,
+    ``captions_cut_before`` the captions they cut (the checkpoint's count)."""
     config = exp.config
     t_start = time.perf_counter()
 
@@ -551,6 +554,9 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
     loader = pipeline.TrainLoader(exp.train_source, config.batch_size, config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   start_step=start)
+    # captions_cut and data_skipped over all processes (clrjax/data/counters.py): a collective
+    # in multi-process runs, reached by every process at the same logging and saving steps.
+    counts = data_counters.DataCounters(exp.train_source, loader, captions_cut_before, jax.process_count())
     writer = metrics_lib.MetricWriter(workdir, enabled=main)
     progress = metrics_lib.ProgressLine(exp.total_steps) if main else None
     # On every process: each extracts its share of the evaluation splits (protocols.source_features).
@@ -582,8 +588,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
                 scalars["images_per_sec"] = steps_since_log * config.batch_size / max(interval, 1e-9)
                 scalars["epoch"] = done / exp.steps_per_epoch
                 scalars["elapsed_s"] = elapsed()  # cumulative over resumes (kept in checkpoint meta)
-                if hasattr(exp.train_source, "num_skipped"):  # own files: bad inputs skipped so far (this process)
-                    scalars["data_skipped"] = int(exp.train_source.num_skipped)
+                scalars.update(counts.values())  # data_skipped (own files), captions_cut (image-text)
                 writer.write_scalars(done, scalars)
                 if progress is not None:
                     progress.update(done, {k: scalars[k] for k in ("loss", "probe_acc")}, config.batch_size)
@@ -600,7 +605,7 @@ def _run_steps(exp, state, start, end, workdir, checkpointer, main, should_stop,
             if checkpointer.should_save(done) or done == end or stopped_early:
                 check_finite(pending)
                 pending = None  # checked: never save a state whose step is unverified
-                checkpointer.save(done, state, _meta(loader, done, elapsed()), force=True)
+                checkpointer.save(done, state, _meta(loader, done, elapsed(), counts), force=True)
             if stopped_early:
                 break
         check_finite(pending)
@@ -655,8 +660,9 @@ def model_batch(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_FIELDS if k in batch}
 
 
-def _meta(loader, step: int, elapsed_s: float) -> dict:
-    return {"step": step, "data": loader.state(), "elapsed_s": elapsed_s}
+def _meta(loader, step: int, elapsed_s: float, counts=None) -> dict:
+    meta = {"step": step, "data": loader.state(), "elapsed_s": elapsed_s}
+    return meta if counts is None else dict(meta, **counts.for_checkpoint())
 
 
 def _check_finite(pending, policy: str, max_skips: int, checkpointer, leaf_names) -> None:

@@ -307,6 +307,17 @@ def train_on_captions(ctx: Context, path: str, **overrides) -> None:
                                          "dataset.image_size": 8, "dataset.caption_column": "text", **overrides})
 
 
+def tsv_list_missing_image(ctx: Context) -> str:
+    """csv_captioned_list as a TSV list (list.tsv) whose image 2.png (line 4) was deleted."""
+    csv_path = csv_captioned_list(ctx)
+    folder = os.path.dirname(csv_path)
+    os.remove(os.path.join(folder, "2.png"))
+    path = os.path.join(folder, "list.tsv")
+    with open(csv_path) as f, open(path, "w") as g:
+        g.write(f.read().replace(",", "\t"))
+    return path
+
+
 def train_on_gcs_without_gcsfs(ctx: Context) -> None:
     """A gs:// workdir where neither gcsfs nor TensorFlow can be imported (clrjax/storage.py)."""
     import importlib.util
@@ -538,6 +549,10 @@ CASES = [
     Case("caption_empty", "empty caption in the CSV/TSV list", "a caption cell of spaces",
          lambda c: train_on_captions(c, csv_captioned_list(c, caption="  ")),
          "DataError", "list.csv line 2: has an empty 'text' caption for '0.png'; write the caption"),
+    Case("caption_list_missing_image", "image file missing from a captioned TSV list (found while listing)",
+         "list.tsv line 4 names 2.png, deleted",
+         lambda c: train_on_captions(c, tsv_list_missing_image(c), **{"dataset.name": "tsv"}),
+         "DataError", "list.tsv line 4: names '2.png', and "),
     Case("caption_column_uncaptioned_dataset", "captions asked of a dataset without any",
          "dataset.caption_column='caption' on digits",
          lambda c: train_on(c, c.saved_run(), **{"dataset.caption_column": "caption"}),

@@ -223,6 +223,12 @@ class ImageFileSource:
         """Bad inputs recorded so far (listing and decoding) with on_error='skip'."""
         return self.errors.count
 
+    @property
+    def bad(self) -> set:
+        """Ids of the examples found not to decode (each recorded once), as tar sources' ``bad``:
+        what ``clrjax/data/counters.py`` unites over processes for ``data_skipped``."""
+        return self._bad
+
     def __len__(self) -> int:
         return len(self.paths)
 

@@ -79,6 +79,9 @@ from clrjax.data import captions as captions_lib
 from clrjax.data.records import has_record_source
 
 Batch = Dict[str, np.ndarray]
+# Host bookkeeping between reading a step and yielding it: bool [B/P], the rows whose caption was
+# cut to the context length (image-text data); never in a yielded batch.
+CUT_FIELD = "_text_cut"
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -392,7 +395,9 @@ class TrainLoader:
         epoch (:func:`clrjax.data.captions.caption_choice`: a function of (seed, epoch, example),
         so the same on any process count and after resume) tokenized to ``tokenizer.context_length``;
         the source must have captions (``dataset.caption_column``). ``captions_cut`` counts
-        the captions cut to fit.
+        the captions cut to fit in the batches this loader has yielded (counted when a batch is
+        yielded, not when it is read ahead; so after ``k`` batches it is the count of steps
+        ``start_step .. start_step + k - 1`` of this process's rows, whatever the prefetch).
 
     A source with ``host_crop == 'random'`` (``dataset.host_crop``) gets each image's square cut
     at :func:`crop_offsets` instead of the centre (``source.load(rows, offsets)``; the stream
@@ -418,7 +423,7 @@ class TrainLoader:
         self.source = source
         self.tokenizer = tokenizer if tokenizer is not None else getattr(source, "tokenizer", None)
         captions_lib.check_captioned(source, self.tokenizer)
-        self.captions_cut = 0  # captions this loader cut to the context length (tokenizer given)
+        self.captions_cut = 0  # captions cut to the context length in the batches yielded so far
         self.global_batch = global_batch
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
@@ -486,10 +491,17 @@ class TrainLoader:
     def batch_at(self, step: int) -> Batch:
         """This process's batch of ``step`` read directly (``source[rows]``), synchronously.
 
-        No prefetch, no state change; the reference that the grain reader matches. For a
-        streaming source: the stream reader's batch, read and decoded synchronously (reading
-        the step's shuffle block, kept for the next call).
+        No prefetch, no state change (``captions_cut`` counts only what iteration yields); the
+        reference that the grain reader matches. For a streaming source: the stream reader's
+        batch, read and decoded synchronously (reading the step's shuffle block, kept for the
+        next call).
         """
+        batch = self._read_step(step)
+        batch.pop(CUT_FIELD, None)
+        return batch
+
+    def _read_step(self, step: int) -> Batch:
+        """:meth:`batch_at` with the ``CUT_FIELD`` of image-text data still in it (the prefetcher's producer)."""
         if self.plan is not None:
             if self._sync_blocks is None:
                 self._sync_blocks = _BlockCache(self, read_ahead=False)
@@ -511,22 +523,26 @@ class TrainLoader:
 
         ``batch['id']`` (sources that may replace an undecodable image) names the example each row
         holds, so its caption is that example's; else the rows are :meth:`local_rows`. Removed either way.
+        ``batch[CUT_FIELD]``: which rows' captions were cut, until :meth:`__next__` counts them.
         """
         ids = batch.pop("id", None)
         if self.tokenizer is None:
             return batch
         if ids is None:
             ids = self.local_rows(step)
-        batch["text"], cut = self._text_of(step, ids)
-        self._count_cut(cut)
+        batch["text"], batch[CUT_FIELD] = self._text_of(step, ids)
         return batch
 
     def _text_of(self, step: int, ids: np.ndarray):
         return captions_lib.text_field(self.source, self.tokenizer, self.seed, int(step) // self.steps_per_epoch, ids)
 
-    def _count_cut(self, cut: np.ndarray) -> None:
-        with self._perm_lock:
-            self.captions_cut += int(cut.sum())
+    def _yield(self, batch: Batch) -> Batch:
+        """The batch as iteration yields it: its cut captions counted (here, when it is consumed, so a
+        batch read ahead and never consumed, e.g. at a checkpoint, is not counted) and the field dropped."""
+        cut = batch.pop(CUT_FIELD, None)
+        if cut is not None:
+            self.captions_cut += int(np.count_nonzero(cut))
+        return batch
 
     # -- the stream reader (streaming sources)
 
@@ -572,8 +588,7 @@ class TrainLoader:
         if len(replaced):  # images replaced with on_error='skip' bring their own captions
             text, cut = text.copy(), cut.copy()
             text[replaced], cut[replaced] = self._text_of(job.step, ids[replaced])
-        batch["text"] = text
-        self._count_cut(cut)
+        batch["text"], batch[CUT_FIELD] = text, cut
         return batch
 
     def _replacement(self, job: _StepJob, row: int, kind: str, problem: str):
@@ -624,13 +639,13 @@ class TrainLoader:
                 self._stream = _StreamReader(self, self._step, max(self._prefetch_depth, in_flight))
             batch = self._stream.next_batch(self._step)
         elif self._prefetch_depth <= 0:
-            batch = self.batch_at(self._step)
+            batch = self._read_step(self._step)
         else:
             if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self.batch_at, self._step, self._prefetch_depth)
+                self._prefetcher = _Prefetcher(self._read_step, self._step, self._prefetch_depth)
             batch = self._prefetcher.get(self._step)
         self._step += 1
-        return batch
+        return self._yield(batch)
 
     def _next_from_grain(self) -> Batch:
         if self._grain_iter is None:

@@ -397,6 +397,12 @@ def test_text_travels_like_label_across_two_processes(tmp_path):
             texts = [ByteTokenizer().decode(row) for row in want["text"]]
             ids = [int(t.split()[1]) for t in texts]
             np.testing.assert_array_equal(ids, loader.local_rows(step))  # each row's own caption
+    # captions_cut of each process = its rows' captions longer than 21 tokens (examples >= 10), gathered
+    with TrainLoader(captioned_source(), 16, 7, tokenizer=ByteTokenizer(24)) as loader:
+        ids = np.concatenate([[int(ByteTokenizer().decode(r).split()[1]) for r in next(loader)["text"]]
+                              for _ in range(3)]).reshape(3, 2, 8)  # step, process, row
+    np.testing.assert_array_equal(got["cut_per_process"], (ids >= 10).sum(axis=(0, 2)))
+    np.testing.assert_array_equal(got["combined"], [100 + (ids >= 10).sum(), 5 + 3])
 
 
 def test_coco_captions_entry(tmp_path):
