@@ -603,6 +603,8 @@ FIELD_SPECS = {
     "evals.knn.temperature": Num(lo=0, lo_open=True, fix="a positive value such as 0.07"),
     "evals.fewshot.shots": Seq(item=Int(lo=1), what="positive integers", min_len=1, fix="'(10,)'"),
     "evals.fewshot.seeds": Int(lo=1, cap=MAX_SEEDS, why="the draw bound", fix="a positive integer such as 3"),
+    "evals.zero_shot.templates": Seq(item=Str(nonempty=True), what="prompt templates, each with one {}", unique=True,
+                                     fix="'(\"a photo of a {}.\",)' (() = the test split's own templates)"),
     "nonfinite.policy": Str(choices=NONFINITE_POLICIES),
     "nonfinite.max_consecutive_skips": Int(lo=1, why=_STEPS, fix="a positive integer such as 10"),
     "sharding.mode": Str(choices=("replicated", "fsdp")),
@@ -770,6 +772,7 @@ def validate_config(config, *, num_devices: Optional[int] = None,
     _check_model(config)
     _check_multicrop(config, method)
     _check_frozen_paths(config, method)
+    _check_evals(config, method)
     method.validate(config)
 
 
@@ -795,6 +798,22 @@ def _check_micro_batch(config, method, num_devices: Optional[int]) -> None:
     if not method.supports_gradient_cache:
         _fail("micro_batch_size", f"is {m} but the {config.method} method does not support gradient caching "
               "(its forward pass mixes examples)", "set --config.micro_batch_size=0")
+
+
+def _check_evals(config, method) -> None:
+    """An evaluator that reads a text tower (zero_shot, retrieval) only for an image-text method;
+    prompt templates with one {} each (clrjax/evaluation/periodic.py, zero_shot.py)."""
+    from clrjax.evaluation import periodic, zero_shot  # the evaluator registry says what each reads
+
+    for name, every in periodic.enabled(config).items():
+        if periodic.EVALUATORS.get(name).needs == "towers" and not getattr(method, "uses_text", False):
+            _fail(f"evals.{name}.every_steps", f"is {every} but {config.method} has no text tower, which {name} "
+                  "encodes captions with", f"set --config.evals.{name}.every_steps=0 (or train clip or siglip)")
+    for template in config.evals.zero_shot.templates:
+        problem = zero_shot.template_problem(template)
+        if problem:
+            _fail("evals.zero_shot.templates", f"has {template!r}, which {problem}",
+                  "give templates such as '(\"a photo of a {}.\",)'")
 
 
 def check_profile_steps(config, total_steps: int) -> None:

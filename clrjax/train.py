@@ -122,7 +122,8 @@ def build_experiment(config, mesh=None, num_processes: Optional[int] = None) -> 
     train_source = sources.load_source(config.dataset.to_dict(), config.dataset.train_split)
     if config.eval.final or any(e["every_steps"] > 0 for e in config.evals.values()):
         # Opened now so that a split the dataset lacks, or its missing files, fail before training.
-        sources.load_source(config.dataset.to_dict(), config.dataset.test_split)
+        test_source = sources.load_source(config.dataset.to_dict(), config.dataset.test_split)
+        _check_periodic_data(config, test_source)
     image_shape = tuple(train_source.image_shape)
     _check_channels(config, image_shape)
     steps_per_epoch, total_steps = total_training_steps(config, len(train_source))
@@ -629,7 +630,20 @@ def _periodic_evaluation(exp: Experiment):
     if not periodic.enabled(exp.config):
         return None
     encode = run_eval.make_encode_fn(exp.model, exp.config.augment.to_dict())
-    return periodic.PeriodicEvaluation(encode, exp.config)
+    towers = None
+    if hasattr(exp.model, "encode_text"):  # a two-tower model: the zero_shot and retrieval evaluators
+        from clrjax.evaluation import zero_shot
+        towers = zero_shot.tower_fns(exp.model, exp.config.augment.to_dict())
+    return periodic.PeriodicEvaluation(encode, exp.config, towers=towers)
+
+
+def _check_periodic_data(config, test_source) -> None:
+    """An evaluator of ``config.evals`` the test split cannot feed (zero_shot without class names,
+    retrieval without captions) fails before training, not at its first evaluation."""
+    from clrjax.evaluation import periodic  # local: evaluation is not needed to train
+    problem = periodic.data_problem(config, test_source) if periodic.enabled(config) else None
+    if problem:
+        raise config_lib.ConfigError(problem)
 
 
 def _agreed_stop(should_stop, step: int, every: int) -> bool:

@@ -18,13 +18,21 @@ Retrieval scores the texts in blocks of ``block_size`` columns, so memory is
 O(N_images x block_size); every score is computed by the same compiled block
 product, so the tie rule does not depend on the block size.
 
-:func:`image_text_report` is the end-of-training evaluation of a model with a
-text tower (``clrjax/evaluation/run_eval.py``): zero-shot top-1/top-5 on the
-test split's class names and image<->text Recall@1/5/10 on its captions.
+What the evaluations read is a :class:`TowerSet` (the test split's image
+embeddings, its labels, class names and captions, and a text encoder), and
+:func:`zero_shot_metrics` / :func:`retrieval_metrics` compute every reported
+number from one, under one set of names (``zero_shot_top1``,
+``retrieval_i2t_r1``, ...). Three callers build it: the end-of-training
+report of a model with a text tower (:func:`image_text_report`, from
+``clrjax/evaluation/run_eval.py``), the periodic evaluators ``zero_shot`` and
+``retrieval`` (``clrjax/evaluation/periodic.py``), and
+``experiments/zero_shot_eval.py`` on a run's checkpoint
+(``clrjax/evaluation/towers.py``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -121,14 +129,112 @@ def retrieval_recall(image_embeddings, text_embeddings, ks: Sequence[int] = (1, 
     return out
 
 
-# --------------------------------------------------------------------------- a run's report
+# --------------------------------------------------------------------------- what the evaluations read
 
 ZERO_SHOT_KS = (1, 5)
 RETRIEVAL_KS = (1, 5, 10)
+# CLIP sec. 3.1.4: "the prompt template 'A photo of a {label}.' [is] a good default"; used when
+# neither the caller nor the test split (ClassCaptionSource.templates) gives templates.
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def encode_tokens(model, variables, tokens: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-    """float32 [n, d] text embeddings of int32 ``tokens`` [n, L], jitted batches sharded over ``mesh``."""
+def template_problem(template) -> Optional[str]:
+    """Why ``template`` is not a prompt template (None if it is): one ``{}`` for the class name."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        return "must hold {} exactly once, where the class name goes"
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return "must hold no other braces than the {} for the class name"
+    return None
+
+
+def templates_of(source, templates: Sequence[str] = ()) -> Tuple[str, ...]:
+    """``templates`` if given, else the source's own (the phrasings it trains on), else CLIP's default."""
+    return tuple(templates) or tuple(getattr(source, "templates", None) or ()) or DEFAULT_TEMPLATES
+
+
+def zero_shot_problem(source) -> Optional[str]:
+    """Why zero-shot cannot score ``source`` (None if it can): its classes need names."""
+    names = tuple(getattr(source, "class_names", None) or ())
+    if not names:
+        return "has no class names, which zero-shot classification writes into the prompts"
+    if len(names) != int(source.num_classes):
+        return f"has {len(names)} class names for {source.num_classes} classes"
+    return None
+
+
+def retrieval_problem(source) -> Optional[str]:
+    """Why retrieval cannot score ``source`` (None if it can): every image needs a caption."""
+    if not getattr(source, "has_captions", False):
+        return "has no captions, which retrieval pairs with the images"
+    return None
+
+
+@dataclasses.dataclass
+class TowerSet:
+    """What the image-text evaluations read (the towers' counterpart of ``FeatureSet``).
+
+    Attributes:
+      image_embeddings: float32 [N, d], the test split's image embeddings in dataset order.
+      labels: int32 [N].
+      source: the test split (``class_names``, ``templates``, ``captions_of``).
+      encode_text: int32 tokens [n, L] -> float32 [n, d] text embeddings.
+      tokenizer, context_length: how strings become tokens (``config.text``).
+      seed: the run's seed: which caption of each image retrieval uses (:func:`test_captions`).
+    """
+    image_embeddings: np.ndarray
+    labels: np.ndarray
+    source: Any
+    encode_text: Callable[[np.ndarray], np.ndarray]
+    tokenizer: Any
+    context_length: int
+    seed: int
+
+
+def zero_shot_metrics(ts: TowerSet, templates: Sequence[str] = (),
+                      ks: Sequence[int] = ZERO_SHOT_KS) -> Dict[str, float]:
+    """``{'zero_shot_top1', 'zero_shot_top5'}`` of the test split's class names (:func:`templates_of`)."""
+    problem = zero_shot_problem(ts.source)
+    if problem:
+        raise ValueError(f"the test split {problem}")
+    vectors = class_embeddings(ts.encode_text, ts.tokenizer, ts.source.class_names,
+                               templates_of(ts.source, templates), ts.context_length)
+    return {f"zero_shot_{k}": v for k, v in zero_shot_accuracy(ts.image_embeddings, vectors, ts.labels, ks).items()}
+
+
+def retrieval_metrics(ts: TowerSet, ks: Sequence[int] = RETRIEVAL_KS,
+                      block_size: Optional[int] = None) -> Dict[str, float]:
+    """``{'retrieval_i2t_r1', ..., 'retrieval_t2i_r10'}``: each test image with one of its captions."""
+    problem = retrieval_problem(ts.source)
+    if problem:
+        raise ValueError(f"the test split {problem}")
+    tokens = ts.tokenizer.encode_batch(test_captions(ts.source, ts.seed), ts.context_length)
+    texts = ts.encode_text(tokens)
+    return {f"retrieval_{k}": v for k, v in
+            retrieval_recall(ts.image_embeddings, texts, ks, block_size=block_size).items()}
+
+
+# --------------------------------------------------------------------------- the towers of a model
+
+
+def tower_fns(model, aug_cfg: Mapping[str, Any]) -> Tuple[Callable, Callable]:
+    """(embed_image(variables, uint8 images), encode_text(variables, int32 tokens)) of a two-tower
+    model (``clrjax/methods/image_text.py`` TwoTower), in inference mode, images eval-preprocessed."""
+    from clrjax.data import augment
+
+    def embed_image(variables, images):
+        return model.apply(variables, augment.preprocess_eval(images, aug_cfg), method=model.embed_image)
+
+    def encode_text(variables, tokens):
+        return model.apply(variables, tokens, method=model.encode_text)
+
+    return embed_image, encode_text
+
+
+def encode_tokens(encode_text: Callable, variables, tokens: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+    """float32 [n, d] ``encode_text(variables, tokens)`` of int32 ``tokens`` [n, L], jitted batches
+    sharded over ``mesh`` (every process encodes every text: texts are cheap next to images)."""
     from clrjax.evaluation.features import extract_features
     from clrjax.evaluation.protocols import eval_batch_size
 
@@ -143,10 +249,7 @@ def encode_tokens(model, variables, tokens: np.ndarray, batch_size: int, mesh) -
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
             yield {"image": chunk, "label": np.zeros(batch, np.int32), "mask": mask}
 
-    def encode(v, t):
-        return model.apply(v, t, method=model.encode_text)
-
-    return extract_features(encode, batches(), mesh=mesh, progress=False, variables=variables)[0]
+    return extract_features(encode_text, batches(), mesh=mesh, progress=False, variables=variables)[0]
 
 
 def test_captions(source, seed: int) -> list:
@@ -158,41 +261,48 @@ def test_captions(source, seed: int) -> list:
     return captions_lib.choose(source.captions_of(ids), seed, 0, ids)
 
 
+def tower_set(towers: Tuple[Callable, Callable], variables, source, config, mesh,
+              progress: bool = False, tokenizer=None) -> TowerSet:
+    """The :class:`TowerSet` of ``source`` (the test split): its image embeddings are extracted now,
+    each process its share (:func:`clrjax.evaluation.protocols.source_features`); texts are encoded
+    when an evaluation asks. ``towers`` as :func:`tower_fns` returns; ``variables`` replicated over
+    ``mesh``; ``config`` gives ``eval.batch_size``, ``text`` (the tokenizer unless ``tokenizer``) and
+    ``seed``."""
+    from clrjax.data import tokenizers
+    from clrjax.evaluation.protocols import source_features
+
+    embed_image, encode_text = towers
+    batch_size = int(config.eval.batch_size)
+    image_emb, labels = source_features(embed_image, variables, source, batch_size, mesh, progress)
+    return TowerSet(image_emb, labels, source,
+                    lambda tokens: encode_tokens(encode_text, variables, np.asarray(tokens), batch_size, mesh),
+                    tokenizer or tokenizers.get_tokenizer(config.text.to_dict()), int(config.text.context_length),
+                    int(config.seed))
+
+
 def image_text_report(model, variables, config, mesh, source=None) -> Dict[str, float]:
     """Zero-shot top-k and retrieval Recall@k of a two-tower ``model`` on ``config.dataset.test_split``.
 
     ``variables`` replicated over ``mesh``. Image embeddings: image tower + projection
     (``TwoTower.embed_image``) after eval preprocessing; text: text tower + projection. Zero-shot
-    (only for a source with ``class_names``) ensembles the source's own ``templates``
-    (``clrjax/data/class_captions.py``: the phrasings it trains on); retrieval pairs every test
-    image with one of its captions (:func:`test_captions`). Every process computes the same numbers.
+    (for a source with ``class_names``) ensembles the source's own ``templates``
+    (``clrjax/data/class_captions.py``: the phrasings it trains on); retrieval (for a source with
+    captions) pairs every test image with one of its captions (:func:`test_captions`). Every
+    process computes the same numbers.
     """
-    from clrjax.data import augment, sources, tokenizers
-    from clrjax.evaluation.protocols import source_features
+    from clrjax.data import sources
 
     if source is None:
         source = sources.load_source(config.dataset.to_dict(), config.dataset.test_split)
-    aug_cfg = config.augment.to_dict()
-
-    def embed(v, images):
-        return model.apply(v, augment.preprocess_eval(images, aug_cfg), method=model.embed_image)
-
-    image_emb, labels = source_features(embed, variables, source, config.eval.batch_size, mesh)
-    tokenizer = tokenizers.get_tokenizer(config.text.to_dict())
-    length = int(config.text.context_length)
+    ts = tower_set(tower_fns(model, config.augment.to_dict()), variables, source, config, mesh)
     report: Dict[str, float] = {}
-    class_names = getattr(source, "class_names", None)
-    if class_names:
-        vectors = class_embeddings(
-            lambda t: encode_tokens(model, variables, np.asarray(t), config.eval.batch_size, mesh),
-            tokenizer, class_names, getattr(source, "templates", None) or ("a photo of a {}.",), length)
-        report.update({f"zero_shot_{k}": v for k, v in
-                       zero_shot_accuracy(image_emb, vectors, labels, ZERO_SHOT_KS).items()})
-    tokens = tokenizer.encode_batch(test_captions(source, int(config.seed)), length)
-    text_emb = encode_tokens(model, variables, tokens, config.eval.batch_size, mesh)
-    report.update({f"retrieval_{k}": v for k, v in retrieval_recall(image_emb, text_emb, RETRIEVAL_KS).items()})
+    if zero_shot_problem(source) is None:
+        report.update(zero_shot_metrics(ts))
+    if retrieval_problem(source) is None:
+        report.update(retrieval_metrics(ts))
     return report
 
 
-__all__ = ["class_embeddings", "zero_shot_accuracy", "retrieval_recall", "encode_tokens", "test_captions",
-           "image_text_report"]
+__all__ = ["class_embeddings", "zero_shot_accuracy", "retrieval_recall", "TowerSet", "tower_fns", "tower_set",
+           "zero_shot_metrics", "retrieval_metrics", "encode_tokens", "test_captions", "image_text_report",
+           "template_problem", "templates_of", "zero_shot_problem", "retrieval_problem"]

@@ -5,12 +5,15 @@ seeded random cnn_small on digits, every process extracting its share (protocols
   python tests/evaluation/mp_eval_worker.py --out=DIR           (one process, all its devices)
 
 Writes DIR/p<I>.npz: train/test features and labels, the rows this process read from each
-split, and the results (knn, linear) as JSON text.
+split, the results (knn, linear) and a random tiny CLIP model's zero-shot and retrieval
+report (image_text) as JSON text.
 """
 import argparse
 import json
 import os
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -57,6 +60,27 @@ def features_and_results(batch_size: int = 104):
     return fs, results, [s.rows_read for s in splits]
 
 
+def image_text_report(batch_size: int = 16):
+    """Zero-shot and retrieval (zero_shot.image_text_report) of a seeded random tiny CLIP model on the
+    first 37 digits test images (37: not a multiple of any device or process count)."""
+    import jax
+    import jax.numpy as jnp
+    from clrjax import config as config_lib, methods, parallel
+    from clrjax.data import class_captions, sources
+    from clrjax.evaluation import protocols, zero_shot
+
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "clip.py") + ":digits")
+    config = config_lib.apply_overrides(config, {"model.widths": (8, 8, 16, 16), "eval.batch_size": batch_size})
+    rows = sources.load_digits("test")[np.arange(37)]
+    source = class_captions.ClassCaptionSource(sources.ArraySource(rows["image"], rows["label"], 10),
+                                               class_captions.DIGIT_NAMES)
+    model = methods.get("clip").build_model(config, 10)
+    crop = int(config.augment.crop_size)
+    variables = dict(model.init(jax.random.PRNGKey(1), jnp.zeros((2, crop, crop, 1)), train=False))
+    mesh = protocols.eval_mesh()
+    return zero_shot.image_text_report(model, parallel.replicate(variables, mesh), config, mesh, source=source)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -72,7 +96,8 @@ def main():
     fs, results, rows = features_and_results()
     np.savez(os.path.join(args.out, f"p{jax.process_index()}.npz"), train_x=fs.train_x, train_y=fs.train_y,
              test_x=fs.test_x, test_y=fs.test_y, rows=np.array(rows), results=json.dumps(results),
-             local_devices=jax.local_device_count(), processes=jax.process_count())
+             local_devices=jax.local_device_count(), processes=jax.process_count(),
+             image_text=json.dumps(image_text_report()))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,19 @@ def test_two_processes_give_the_one_process_knn_and_linear_results(two_processes
             np.testing.assert_allclose(results["linear"][key], one["linear"][key], rtol=1e-5, atol=1e-6)
 
 
+def test_two_processes_give_the_one_process_image_text_report(two_processes):
+    """Zero-shot and retrieval: each process encodes its share of the images and every text;
+    both processes must report the same numbers, and those of one process."""
+    processes, _ = two_processes
+    reports = [json.loads(str(p["image_text"])) for p in processes]
+    assert reports[0] == reports[1]
+    one = mp_eval_worker.image_text_report()
+    assert set(reports[0]) == set(one) and "zero_shot_top1" in one and "retrieval_t2i_r10" in one
+    for key, value in one.items():
+        # 4 vs 8 devices per text batch: float32 round-off may move one of the 37 pairs across a tie
+        assert abs(reports[0][key] - value) <= 1 / 37 + 1e-9, (key, reports[0][key], value)
+
+
 def test_rows_return_to_dataset_order_without_padding():
     """The reordering alone, on rows as P=3 processes would hold them (process-major, padded)."""
     n, batch, count = 23, 6, 3

@@ -23,7 +23,8 @@ def _config(**overrides):
 
 def test_every_evaluator_has_config_fields():
     evals = config_lib.base_config().evals
-    assert set(evals) == set(EVALUATORS.names()) == {"knn", "linear", "fewshot", "collapse"}
+    assert set(evals) == set(EVALUATORS.names()) == {"knn", "linear", "fewshot", "collapse",
+                                                           "zero_shot", "retrieval"}
     for name in EVALUATORS.names():
         assert evals[name].every_steps == 0                       # off unless asked for
         assert set(evals[name]) == {"every_steps", *EVALUATORS.get(name).options}
