@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from tests.test_multiprocess import (LAST_STEP, LOCAL, ROOT, TINY, TRAIN, assert_same_state, finish, logged,
-from tests.xla_env import xla_flags
                                      restore_on_host, resume_copy)
+from tests.xla_env import xla_flags
 
 FSDP = ["--config.sharding.mode=fsdp", "--config.sharding.min_size=256"]
 

@@ -63,9 +63,11 @@ def test_bad_launcher_arguments_fail_with_one_sentence(kwargs, message):
 
 
 def test_dry_run_prints_one_copy_pasteable_line_per_process():
+    # The launcher keeps the caller's other XLA flags; without any, the line is the launcher's own.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, LOCAL, "--num_processes=2", "--devices_per_process=4", "--dry_run",
                            TRAIN, "--config=configs/simclr.py:digits", "--workdir=/tmp/run"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2

@@ -84,7 +84,10 @@ def test_remat_same_outputs_and_grads():
 
     (l0, g0), (l1, g1) = loss(plain)(variables), loss(remat)(variables)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+    # Near-zero gradient entries are sums that cancel; their round-off is relative to the gradient's
+    # scale, not to the entry (at XLA's optimisation level 0, tests/xla_env.py, it shows).
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale), g0, g1)
 
 
 def test_other_image_size_after_init_interpolates_position_embeddings():
