@@ -120,3 +120,14 @@ FASHION_MNIST = captioned("fashion_mnist", FASHION_MNIST_NAMES)
 CIFAR10 = captioned("cifar10")
 CIFAR100 = captioned("cifar100")
 IMAGENET2012 = captioned("imagenet2012")
+
+
+CLASS_CAPTION_DATASETS = tuple(d.name for d in (DIGITS, FASHION_MNIST, CIFAR10, CIFAR100, IMAGENET2012))
+
+
+def max_distinct_captions(dataset_name: str, num_classes: int, templates: Sequence[str] = TEMPLATES) -> int:
+    """How many different captions a batch of ``dataset_name`` can hold: classes x templates for
+    the class-name datasets above (fewer if a tokenizer cuts two to the same ids), 0 (unknown)
+    for any other. The image-text model encodes each distinct caption of a batch once when this
+    is below the batch size (``clrjax/methods/image_text.py``, ``TwoTower.distinct_texts``)."""
+    return int(num_classes) * len(templates) if dataset_name in CLASS_CAPTION_DATASETS else 0

@@ -21,6 +21,21 @@ The model (:class:`TwoTower`, variable names fixed):
                      (log 10) and 'bias' (-10);
   'probe'            the trainer's online probe on stop_gradient(h).
 
+Distinct captions (``distinct_texts``, a cost saving, not a change of the
+maths). The text tower and its projection map each token row on its own
+(LayerNorm, no batch statistics, no dropout), so equal rows give equal
+embeddings. Captions written from class names (``*_captions``,
+clrjax/data/class_captions.py) have at most classes x templates distinct rows
+(80 on digits and Fashion-MNIST), while a CPU batch has 256: the tower would
+encode each caption about 3 times. With ``distinct_texts = K < n`` the n rows
+are sorted, each distinct row is encoded once (K slots) and the embeddings are
+gathered back to the n rows, so the value is the same and the gradient is the
+same sum (the gather's transpose adds the equal rows' cotangents before they
+enter the tower instead of after: float32 summation order only). A batch with
+more than K distinct rows is encoded row by row (``nn.cond``), never truncated.
+Measured on digits (batch 256, 2 shared CPU cores): the step takes about half
+the time it takes with every row encoded.
+
 How the learnable scalars reach the loss. The trainer shards every loss
 input by rows (``in_specs=P('data')``), and gradient caching merges
 micro-batch outputs along the batch axis, so every output needs leading axis
@@ -91,6 +106,7 @@ class TwoTower(nn.Module):
     locked: bool = False
     project_image: bool = True
     pretrained: Any = None
+    distinct_texts: int = 0  # at most this many distinct caption rows per batch (module docstring); 0 = unknown
 
     def setup(self):
         self.probe = LinearProbe(self.num_classes)
@@ -116,7 +132,7 @@ class TwoTower(nn.Module):
         return {
             "features": h,
             "image_embeddings": image_embedding.astype(jnp.float32),
-            "text_embeddings": self.encode_text(tokens),
+            "text_embeddings": self.embed_texts(tokens),
             SCALARS: jnp.broadcast_to(scalars, (images.shape[0],) + scalars.shape),
             "probe_logits": self.probe(jax.lax.stop_gradient(h)),
         }
@@ -136,10 +152,38 @@ class TwoTower(nn.Module):
         """int32 tokens [n, L] -> text embeddings [n, embed_dim] (not normalised)."""
         return self.text_projection(self.text_encoder(tokens)).astype(jnp.float32)
 
+    def embed_texts(self, tokens) -> jax.Array:
+        """:meth:`encode_text` of every row, each distinct row encoded once when at most
+        ``distinct_texts`` rows differ (module docstring)."""
+        size = int(self.distinct_texts)
+        if not size or size >= tokens.shape[0]:
+            return self.encode_text(tokens)
+        rows, inverse, fits = distinct_rows(tokens, size)
+        # Rematerialised branches: the backward of a plain cond keeps both branches' activations
+        # (the branch not taken as zeros, [n, L, 4 width] each), whose writing cost more than the
+        # saving (measured); remat keeps only the inputs and recomputes the taken branch's forward.
+        once = nn.checkpoint(lambda m, r, i, t: m.encode_text(r)[i])
+        each = nn.checkpoint(lambda m, r, i, t: m.encode_text(t))
+        return nn.cond(fits, once, each, self, rows, inverse, tokens, variables="params")
+
     def _placeholder_tokens(self, n: int) -> jax.Array:
         tower = self.text_encoder
         tokens = jnp.full((n, tower.context_length), tower.pad_id, jnp.int32)
         return tokens.at[:, 0].set(tower.end_id)
+
+
+def distinct_rows(tokens: jax.Array, size: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """(rows [size, L], inverse int32 [n], fits): ``tokens == rows[inverse]`` whenever ``fits``,
+    i.e. when ``tokens`` [n, L] has at most ``size`` distinct rows (unused slots repeat a real row)."""
+    tokens = jnp.asarray(tokens)
+    n = tokens.shape[0]
+    order = jnp.lexsort(tokens.T[::-1])  # rows in lexicographic order: equal rows are adjacent
+    ordered = tokens[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), jnp.any(ordered[1:] != ordered[:-1], axis=1)])
+    group = jnp.cumsum(starts.astype(jnp.int32)) - 1  # distinct-row number of each sorted row
+    first = jnp.nonzero(starts, size=size, fill_value=0)[0]  # where each distinct row starts
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(group)
+    return ordered[first], inverse, group[-1] < size
 
 
 def scalars_of(outputs, count: int, axis_name=None) -> Tuple[jax.Array, ...]:
@@ -202,7 +246,7 @@ class ImageTextMethod(Method):
 
     def build_model(self, config, num_classes: int):
         from clrjax import models
-        from clrjax.data import tokenizers
+        from clrjax.data import class_captions, tokenizers
         from clrjax.models import text
 
         image_tower = config.image_tower
@@ -219,7 +263,8 @@ class ImageTextMethod(Method):
         return TwoTower(encoder=models.build_encoder(config.model.to_dict()), text_encoder=tower,
                         embed_dim=embed_dim, num_classes=int(num_classes), scalar_inits=self.scalar_inits,
                         locked=bool(image_tower.locked), project_image=bool(image_tower.projection),
-                        pretrained=pretrained)
+                        pretrained=pretrained,
+                        distinct_texts=class_captions.max_distinct_captions(config.dataset.name, num_classes))
 
     def param_labels(self, params):
         labels = super().param_labels(params)
@@ -289,5 +334,5 @@ def check_image_text_config(config) -> None:
                             f"experiments/export.py.")
 
 
-__all__ = ["ImageTextMethod", "TwoTower", "SCALARS", "scalars_of", "pairs_of", "load_pretrained",
+__all__ = ["ImageTextMethod", "TwoTower", "SCALARS", "scalars_of", "pairs_of", "distinct_rows", "load_pretrained",
            "PROBE_COLLECTION"]

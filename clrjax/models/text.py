@@ -83,6 +83,19 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def _dense(features: int, std: float, dtype, name: str):
+    """An ``nn.Dense`` (parameters ``name/{kernel, bias}``) applied to the rows of ``[..., in]``
+    flattened to ``[rows, in]``: the same maths, but XLA:CPU runs the weight gradient of a dense
+    layer on a 3-D ``[n, L, in]`` input through a transposing copy and a slower dot, about 3.5x
+    the 2-D layer's fwd+bwd time at n=256, L=64, 64 -> 256 (measured on 2 CPU cores; the
+    tiny tower's step took 1.8 s instead of 0.5 s)."""
+    layer = nn.Dense(features, kernel_init=_normal(std), dtype=dtype, param_dtype=jnp.float32, name=name)
+
+    def apply(x):
+        return layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (features,))
+    return apply
+
+
 class _SelfAttention(nn.Module):
     """Multi-head self-attention with a boolean mask ``[n, 1, L, L]`` (True = may attend)."""
 
@@ -95,8 +108,7 @@ class _SelfAttention(nn.Module):
     def __call__(self, x, mask):
         n, length, _ = x.shape
         head_dim = self.width // self.heads
-        qkv = nn.Dense(3 * self.width, kernel_init=_normal(self.width ** -0.5), dtype=self.dtype,
-                       param_dtype=jnp.float32, name="in_proj")(x)
+        qkv = _dense(3 * self.width, self.width ** -0.5, self.dtype, "in_proj")(x)
         q, k, v = jnp.split(qkv.reshape(n, length, 3, self.heads, head_dim), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(head_dim)
@@ -104,8 +116,7 @@ class _SelfAttention(nn.Module):
         logits = jnp.where(mask, logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(n, length, self.width)
-        return nn.Dense(self.width, kernel_init=_normal(self.out_std), dtype=self.dtype,
-                        param_dtype=jnp.float32, name="out_proj")(out)
+        return _dense(self.width, self.out_std, self.dtype, "out_proj")(out)
 
 
 class _Mlp(nn.Module):
@@ -117,12 +128,10 @@ class _Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.hidden, kernel_init=_normal((2 * self.width) ** -0.5), dtype=self.dtype,
-                     param_dtype=jnp.float32, name="c_fc")(x)
+        x = _dense(self.hidden, (2 * self.width) ** -0.5, self.dtype, "c_fc")(x)
         # CLIP trained with QuickGELU (official model.py); SigLIP/big_vision use exact GELU.
         x = x * jax.nn.sigmoid(1.702 * x) if self.activation == "quick_gelu" else nn.gelu(x, approximate=False)
-        return nn.Dense(self.width, kernel_init=_normal(self.out_std), dtype=self.dtype,
-                        param_dtype=jnp.float32, name="c_proj")(x)
+        return _dense(self.width, self.out_std, self.dtype, "c_proj")(x)
 
 
 class _Block(nn.Module):

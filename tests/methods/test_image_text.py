@@ -10,6 +10,7 @@ the checkpoint and moves; gradient caching gives the full-batch gradient of
 both towers; bad LiT inputs fail before compiling.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -137,3 +138,63 @@ def test_checkpoint_of_another_architecture_fails_before_compiling(simclr_run):
     with pytest.raises(config_lib.ConfigError,
                        match=rf"config.image_tower.init_from='{workdir}' does not fit config.model: .*kernel has shape"):
         train.build_experiment(config, parallel.make_mesh(jax.devices()[:1]))
+
+
+# -- distinct captions encoded once (TwoTower.distinct_texts)
+
+def _caption_rows(rng, n_distinct, n, context=16):
+    """n token rows drawn from n_distinct different random captions (each used at least once)."""
+    from tests.models.test_text import _tokens
+    distinct = _tokens(rng, n_distinct, rng.integers(1, context - 2, n_distinct), context)
+    while len(np.unique(distinct, axis=0)) < n_distinct:  # random captions could coincide
+        distinct = _tokens(rng, n_distinct, rng.integers(1, context - 2, n_distinct), context)
+    which = np.concatenate([np.arange(n_distinct), rng.integers(0, n_distinct, n - n_distinct)])
+    return distinct[rng.permutation(which)]
+
+
+def test_distinct_rows_rebuild_every_row():
+    from clrjax.methods.image_text import distinct_rows
+    rng = np.random.default_rng(0)
+    tokens = _caption_rows(rng, 5, 24)
+    rows, inverse, fits = jax.jit(distinct_rows, static_argnums=1)(tokens, 6)
+    assert bool(fits)
+    np.testing.assert_array_equal(np.asarray(rows)[np.asarray(inverse)], tokens)
+    assert len(np.unique(np.asarray(rows)[:5], axis=0)) == 5  # five distinct rows, one slot each
+    assert not bool(jax.jit(distinct_rows, static_argnums=1)(_caption_rows(rng, 7, 24), 6)[2])
+
+
+@pytest.mark.parametrize("n_distinct", [5, 10])  # 10 > distinct_texts=6: the row-by-row branch
+def test_distinct_text_encoding_equals_row_by_row(n_distinct):
+    """Value and gradient (every parameter) equal the row-by-row tower's; the embeddings also equal a
+    float64 NumPy forward (the text tower's reference, tests/models/test_text.py, then the projection)."""
+    from clrjax import methods
+    from tests.models.test_text import _reference
+    config = tiny_config("clip", **{"text.context_length": 16})
+    model = methods.get("clip").build_model(config, 10)
+    assert model.distinct_texts == 10 * len(TEMPLATES)  # digits_captions: 10 classes x the templates
+    rng = np.random.default_rng(n_distinct)
+    tokens = _caption_rows(rng, n_distinct, 24)
+    inputs = {"image": np.zeros((24, 8, 8, 1), np.float32), "text": tokens}
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(1), inputs["image"], train=False))()
+    cotangent = rng.normal(size=(24, int(config.projector.out_dim))).astype(np.float32)
+
+    def value_and_grad(distinct_texts):
+        m = model.clone(distinct_texts=distinct_texts)
+
+        def objective(params):
+            out = m.apply(dict(variables, params=params), inputs, train=False)["text_embeddings"]
+            return jnp.sum(out * cotangent), out
+        return jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
+
+    (_, once), grads_once = value_and_grad(6)
+    (_, each), grads_each = value_and_grad(0)
+    np.testing.assert_allclose(once, each, rtol=1e-5, atol=1e-6)
+    # float32: a parameter's gradient sums terms of both signs, so round-off is relative to the leaf's scale.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b)))),
+                 grads_once, grads_each)
+    assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_once["text_encoder"])) > 0
+    tower = model.text_encoder
+    want = _reference({"params": variables["params"]["text_encoder"]}, tokens, tower.heads, tower.causal,
+                      tower.pooling, tower.pad_id, tower.end_id)
+    want = want @ np.asarray(variables["params"]["text_projection"]["kernel"], np.float64)
+    np.testing.assert_allclose(once, want, rtol=1e-4, atol=1e-5)
