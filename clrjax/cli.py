@@ -294,6 +294,16 @@ class EncoderFlags:
 
         return restore.output_dir(encoder, self.out.value)
 
+    def write(self, program: str, encoder, filename: str, sections: dict) -> str:
+        """Merges ``sections`` into ``filename`` of the output directory, each stamped with the command
+        line that produced it; a failed write ends ``program`` (:func:`write_or_fail`). Returns the path."""
+        from clrjax.evaluation import run_eval
+
+        command = " ".join(sys.argv)
+        stamped = {name: dict(section, command=command) for name, section in sections.items()}
+        return write_or_fail(program, lambda: run_eval.write_result(self.output_dir(encoder), filename, stamped),
+                             filename)
+
 
 def define_encoder_flags(result_file: str) -> EncoderFlags:
     """Defines --config, --workdir, --encoder, --step, --out and --progress."""

@@ -10,7 +10,6 @@ Each test feature votes with its k nearest (cosine) training features, weight ex
 Writes knn_eval.json in the run directory (or the export directory, or --out) and prints one line.
 Exit status: 0 done; 3 bad input (the message says what to fix); 6 knn_eval.json could not be written.
 """
-import sys
 
 from absl import app, flags, logging
 
@@ -36,10 +35,7 @@ def main(argv):
                                        progress=_ENC.progress.value)
     except restore.EvalInputError as err:
         cli.fail("knn_eval", err)
-    result["command"] = " ".join(sys.argv)
-    out_dir = _ENC.output_dir(encoder)
-    path = cli.write_or_fail("knn_eval", lambda: run_eval.write_result(
-        out_dir, run_eval.KNN_EVAL_FILE, {"knn": result}), run_eval.KNN_EVAL_FILE)
+    path = _ENC.write("knn_eval", encoder, run_eval.KNN_EVAL_FILE, {"knn": result})
     print(run_eval.format_knn_line(result, path), flush=True)
 
 

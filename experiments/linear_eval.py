@@ -15,7 +15,6 @@ Reports top-1 and top-5 on config.dataset.test_split; merges the result into lin
 in the run directory (or the export directory, or --out) and prints one line.
 Exit status: 0 done; 3 bad input (the message says what to fix); 6 linear_eval.json could not be written.
 """
-import sys
 
 from absl import app, flags, logging
 
@@ -45,10 +44,7 @@ def main(argv):
             lr=_LR.value, batch_size=_BATCH.value, progress=_ENC.progress.value)
     except restore.EvalInputError as err:
         cli.fail("linear_eval", err)
-    command = " ".join(sys.argv)
-    results = {k: dict(v, command=command) for k, v in results.items()}
-    path = cli.write_or_fail("linear_eval", lambda: run_eval.write_result(
-        _ENC.output_dir(encoder), run_eval.LINEAR_EVAL_FILE, results), run_eval.LINEAR_EVAL_FILE)
+    path = _ENC.write("linear_eval", encoder, run_eval.LINEAR_EVAL_FILE, results)
     print(run_eval.format_linear_line(results, path), flush=True)
 
 

@@ -22,7 +22,6 @@ One program for both: they share the restored towers and the test split's image 
 Writes zero_shot_eval.json in the run or export directory (or --out) and prints one line.
 Exit status: 0 done; 3 bad input (the message says what to fix); 6 zero_shot_eval.json could not be written.
 """
-import sys
 
 from absl import app, flags, logging
 
@@ -43,7 +42,7 @@ def main(argv):
     del argv
     cli.check_flags("zero_shot_eval", _RULES)
     _ENC.check("zero_shot_eval", "zero_shot_eval.json")
-    from clrjax.evaluation import restore, run_eval, towers as towers_lib
+    from clrjax.evaluation import restore, towers as towers_lib
 
     try:
         towers, evaluations = towers_lib.towers_from_flags(
@@ -52,10 +51,7 @@ def main(argv):
                                                 block_size=_BLOCK.value, progress=_ENC.progress.value)
     except restore.EvalInputError as err:
         cli.fail("zero_shot_eval", err)
-    command = " ".join(sys.argv)
-    results = {k: dict(v, command=command) for k, v in results.items()}
-    path = cli.write_or_fail("zero_shot_eval", lambda: run_eval.write_result(
-        _ENC.output_dir(towers), towers_lib.ZERO_SHOT_EVAL_FILE, results), towers_lib.ZERO_SHOT_EVAL_FILE)
+    path = _ENC.write("zero_shot_eval", towers, towers_lib.ZERO_SHOT_EVAL_FILE, results)
     print(towers_lib.format_line(results, path), flush=True)
 
 
