@@ -1,4 +1,5 @@
-r"""Cost of the momentum methods: the EMA target and the MoCo v2 queue, and their step against SimCLR's.
+r"""Cost of the momentum methods: the EMA target and the MoCo v2 queue, and their step against the
+same step without a momentum encoder.
 
 COMMAND:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python benchmarks/momentum_cost.py \
@@ -9,19 +10,28 @@ Parts (each built on clrjax.benchmarking, as experiments/benchmark.py):
          target network (``method_state['target']``: the EMA of encoder + projector, parameters and
          BatchNorm statistics) and the MoCo v2 queue, for the ImageNet presets (ResNet-50), from
          abstract shapes (nothing is compiled); also with config.sharding.mode=fsdp.
-  queue  compile-only memory analysis of the MoCo v2 ImageNet step (ResNet-50, batch 256, 224 px) on
-         all devices (8 simulated), at K = 65,536 and at K = 256 (one batch, the smallest queue), d = 128:
-         the queue's share of the compiled temporaries is their difference over the K = 65,536 figure.
-  step   one device, a small size (cnn_small, 28 px synthetic images, batch 256, projector 512-128,
-         predictor 512-128; every method with the same networks): median step time and XLA's FLOPs of
-         the compiled step of simclr, byol, moco_v3 and moco_v2, and of one forward pass of the target
-         network (encoder + projector, training mode, both views of the batch), the issue's bound:
-         a momentum step may cost at most SimCLR's step + that forward pass. The methods are timed in
-         5 interleaved rounds. Also the FLOPs of the pieces in which the steps differ (each loss with
-         its backward pass, the predictor with its backward pass, the EMA update).
-Step times are wall-clock on this machine (load-dependent); FLOPs are load-independent.
+  queue  compile-only memory and cost analysis of the MoCo v2 ImageNet step (ResNet-50, batch 256,
+         224 px) on all devices (8 simulated), at K = 65,536 and at K = 256 (one batch, the smallest
+         queue), d = 128: the queue's share of the compiled temporaries, arguments and FLOPs is their
+         difference over the K = 65,536 figure.
+  step   the issue's bound: a momentum step may cost at most one forward pass of the target more
+         than the SSL step it replaces. That step is the same method with its target replaced by
+         the online networks under stop-gradient (:func:`without_momentum_encoder`: BYOL becomes
+         SimSiam-style, MoCo v3 takes its keys from the online projections, MoCo v2 keeps its queue
+         logits and its enqueue, with online keys: He et al. 2019's momentum m = 0), so the two steps
+         differ exactly by the target forward, the EMA update and the trainer's finite-check of the
+         target in the state. One device, a small size (cnn_small, 28 px synthetic images, batch 256,
+         projector 512-128, predictor 512-128, MoCo v2 queue K = 4,096). For each method XLA's FLOPs
+         and bytes accessed of the compiled momentum step, of its baseline, of one target forward
+         alone (``MomentumMethod.target_forward``: encoder + projector, training mode, both views),
+         of the EMA update alone (``after_update``) and of the state guard of the target alone; the
+         excess of the step over baseline + forward and what of it the EMA and the guard explain.
+         Median step times of all programs, timed in 5 interleaved rounds; SimCLR's step for reference.
+FLOPs and bytes accessed are XLA's counts of the compiled programs (load-independent); step times are
+wall-clock on this machine (load-dependent).
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,16 +44,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from clrjax import benchmarking, config as config_lib, parallel, state_sharding, train  # noqa: E402
+from clrjax.methods.base import Method  # noqa: E402
+from clrjax.methods.momentum import MomentumMethod  # noqa: E402
 
 MOMENTUM_METHODS = ("byol", "moco_v3", "moco_v2")
 SMALL = {"batch_size": 256, "projector.hidden_dims": (512,), "projector.out_dim": 128,
          "predictor.hidden_dims": (512,), "queue.size": 4096, "micro_batch_size": 0}
+COSTS = ("flops", "bytes_accessed")
 
 
 def _config(method, preset, overrides=None):
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{method}.py") + f":{preset}")
     config = config_lib.apply_overrides(config, overrides or {})
     return benchmarking.synthetic_config(config, num_examples=config.batch_size)
+
+
+# --------------------------------------------------------------------------- state and queue
 
 
 def state_bytes(method, overrides=None) -> dict:
@@ -64,112 +80,201 @@ def state_bytes(method, overrides=None) -> dict:
 
 
 def queue_share() -> dict:
-    """Compiled memory of the MoCo v2 ImageNet step at K = 65,536 vs K = 256 (d = 128)."""
+    """Compiled memory and FLOPs of the MoCo v2 ImageNet step at K = 65,536 vs K = 256 (d = 128)."""
     rows = {}
     for k in (65536, 256):
         rows[k] = benchmarking.compile_step_memory(_config("moco_v2", "imagenet", {"queue.size": k}))
         print(f"moco_v2 ResNet-50 B=256 K={k}: temp {rows[k]['temp_bytes'] / 2**20:.1f} MiB/dev, "
-              f"args {rows[k]['argument_bytes'] / 2**20:.1f} MiB/dev", flush=True)
+              f"args {rows[k]['argument_bytes'] / 2**20:.1f} MiB/dev, "
+              f"{rows[k]['flops'] / 1e9:.1f} GFLOP/dev", flush=True)
     big, small = rows[65536], rows[256]
     return {"K65536": big, "K256": small,
             "queue_temp_bytes": big["temp_bytes"] - small["temp_bytes"],
             "queue_temp_share": (big["temp_bytes"] - small["temp_bytes"]) / big["temp_bytes"],
             "queue_argument_bytes": big["argument_bytes"] - small["argument_bytes"],
-            "queue_total_share": (big["total_bytes"] - small["total_bytes"]) / big["total_bytes"]}
+            "queue_total_share": (big["total_bytes"] - small["total_bytes"]) / big["total_bytes"],
+            "queue_flops": big["flops"] - small["flops"],
+            "queue_flops_share": (big["flops"] - small["flops"]) / big["flops"]}
 
 
-def _small_experiment(method, mesh):
-    return train.build_experiment(config_lib.apply_overrides(_config(method, "fashion_mnist"), SMALL), mesh)
+# --------------------------------------------------------------------------- the baseline
+
+MOMENTUM_STATE = ("target", "momentum")  # what MomentumMethod.init_state adds to the method state
 
 
-def _compiled_step(exp):
-    """(compiled step, state holder, batch) as benchmarking.benchmark_step builds them."""
-    state = train.init_train_state(exp)
+def strip_momentum_encoder(method_state: dict) -> dict:
+    """The method state without the target network and its momentum (a MoCo v2 queue stays)."""
+    return {k: v for k, v in method_state.items() if k not in MOMENTUM_STATE}
+
+
+def without_momentum_encoder(method: MomentumMethod) -> MomentumMethod:
+    """The same method with its target network replaced by the online one under stop-gradient.
+
+    ``outputs['targets']`` are the online projections of the same forward pass
+    (``stop_gradient(outputs['embeddings'])``), the state holds no target and no
+    momentum, and ``after_update`` is the identity: the step the momentum step
+    replaces, with everything else of the method kept (BYOL's predictor, MoCo
+    v3's key gather, MoCo v2's queue logits and enqueue). At step 0, where the
+    target equals the online networks, it computes the same loss and update as
+    the momentum method (tests/test_momentum_cost.py). Two views only (no multi-crop).
+    """
+    cls = type(method)
+
+    class WithoutMomentumEncoder(cls):
+        def init_state(self, config, variables):
+            return strip_momentum_encoder(cls.init_state(self, config, variables))
+
+        def forward(self, model, variables, views, state, *, train: bool):
+            # Method.forward: the online networks on every view, skipping MomentumMethod.forward's target.
+            outputs, batch_stats = Method.forward(self, model, variables, views, state, train=train)
+            outputs["targets"] = jax.lax.stop_gradient(outputs["embeddings"])
+            return outputs, batch_stats
+
+        def after_update(self, state, *, params, batch_stats, step, total_steps):
+            del params, batch_stats, step, total_steps
+            return state
+
+    WithoutMomentumEncoder.__name__ = WithoutMomentumEncoder.__qualname__ = f"{cls.__name__}WithoutMomentumEncoder"
+    return WithoutMomentumEncoder(**{f.name: getattr(method, f.name) for f in dataclasses.fields(method)})
+
+
+# --------------------------------------------------------------------------- compiled programs
+
+
+@dataclasses.dataclass
+class Program:
+    cost: dict          # benchmarking.compiled_cost of the compiled program (per device)
+    run: object = None  # () -> outputs of one call of the compiled program (None: not runnable);
+    #                     a step returns (new state, metrics) and keeps the new state for its next call
+
+
+def small_config(method, overrides=None):
+    """The method's Fashion-MNIST preset (cnn_small, 28 px) at SMALL's sizes, synthetic data."""
+    return config_lib.apply_overrides(_config(method, "fashion_mnist"), overrides or SMALL)
+
+
+def _copy(tree):
+    """Fresh buffers (each step donates its state, so no two programs may share one)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def step_program(exp, state) -> Program:
+    """The compiled train step on one real batch, run with ``state`` donated as in training."""
     batch = benchmarking._first_batch(exp, exp.config)
     compiled = train.make_train_step(exp).lower(state, batch).compile()
     holder = {"state": state}
 
     def one_step():
-        holder["state"], m = compiled(holder["state"], batch)  # donated, as in training
-        return m["loss"]
+        holder["state"], m = compiled(holder["state"], batch)
+        return holder["state"], m
 
-    return compiled, one_step
+    return Program(benchmarking.compiled_cost(compiled), one_step)
 
 
-def _target_forward(exp):
+def target_forward_program(exp, method_state) -> Program:
     """One forward pass of the target (encoder + projector, train mode) on both views of the batch."""
-    state = train.init_train_state(exp)
     b, crop = exp.config.batch_size, exp.config.augment.crop_size
     views = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (b, 2, crop, crop, exp.image_shape[-1])),
                            parallel.batch_sharding(exp.mesh))
     fn = jax.jit(lambda s, v: exp.method.target_forward(exp.model, s, v, train=True))
-    compiled = fn.lower(state.method_state, views).compile()
-    return compiled, lambda: compiled(state.method_state, views)
+    compiled = fn.lower(method_state, views).compile()
+    return Program(benchmarking.compiled_cost(compiled), lambda: compiled(method_state, views))
 
 
-def _flops(fn, *args):
-    return benchmarking.compiled_cost(jax.jit(fn).lower(*args).compile())["flops"]
+def ema_program(exp, state) -> Program:
+    """The method's ``after_update`` alone (momentum schedule + EMA of parameters and BatchNorm
+    statistics) on the target and its momentum only: the step donates the rest of the method state
+    (a MoCo v2 queue), which a program of its own would copy."""
+    fn = jax.jit(lambda ms, p, bs, k: exp.method.after_update(ms, params=p, batch_stats=bs, step=k,
+                                                               total_steps=exp.total_steps))
+    momentum_state = {k: state.method_state[k] for k in MOMENTUM_STATE}
+    compiled = fn.lower(momentum_state, state.params, state.batch_stats, state.step).compile()
+    return Program(benchmarking.compiled_cost(compiled))
 
 
-def breakdown_flops(exp_by_method) -> dict:
-    """FLOPs of the pieces in which the steps differ: each loss (forward + backward), the predictor
-    (forward + backward, both views), the EMA update; inputs at the step's sizes (B = 256, d = 128)."""
-    from clrjax.losses import byol_loss, moco_v2_loss, moco_v3_loss, simclr_loss
-    from clrjax.methods import momentum
+def _guarded(new, old):
+    """What the train step does to every floating-point leaf of the new state (train.make_train_step):
+    a finite-check, and a select between the new and the old value."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)]))
+    return jax.tree.map(lambda u, d: jnp.where(finite, u, d), new, old), finite
 
-    b, d = SMALL["batch_size"], SMALL["projector.out_dim"]
-    z = jax.random.normal(jax.random.PRNGKey(1), (4, b, d))
-    queue = jax.random.normal(jax.random.PRNGKey(2), (SMALL["queue.size"], d))
-    out = {"loss_simclr": _flops(jax.grad(lambda a, c: simclr_loss(a, c, temperature=0.1)[0], (0, 1)), z[0], z[1]),
-           "loss_byol": _flops(jax.grad(lambda p, q: byol_loss(p, q, z[2], z[3])[0], (0, 1)), z[0], z[1]),
-           "loss_moco_v3": _flops(jax.grad(lambda p, q: moco_v3_loss(p, q, z[2], z[3])[0], (0, 1)), z[0], z[1]),
-           "loss_moco_v2": _flops(jax.grad(lambda q: moco_v2_loss(q, z[1], queue)[0]), z[0])}
-    exp = exp_by_method["byol"]
-    variables = exp.model.init(jax.random.PRNGKey(0), jnp.zeros((2,) + train.model_input_shape(exp)), train=False)
-    predictor = exp.model.predictor
 
-    def predictor_loss(params, x):
-        y, _ = predictor.apply({"params": params, "batch_stats": variables["batch_stats"]["predictor"]}, x,
-                               train=True, mutable=["batch_stats"])
-        return jnp.sum(y)
+def guard_program(target) -> Program:
+    """The train step's finite-check and select on the target's leaves alone (the state carries them)."""
+    return Program(benchmarking.compiled_cost(jax.jit(_guarded).lower(target, target).compile()))
 
-    x = jax.random.normal(jax.random.PRNGKey(3), (2 * b, d))
-    out["predictor_fwd_bwd"] = _flops(jax.grad(predictor_loss, (0, 1)), variables["params"]["predictor"], x)
-    target = momentum.target_subtrees(variables["params"])
-    out["ema_update"] = _flops(lambda t, o: momentum.ema(t, o, 0.99), target, target)
+
+def method_programs(config, mesh) -> dict:
+    """{'step', 'baseline', 'target_forward', 'ema', 'guard'} programs of one momentum method's config."""
+    exp = train.build_experiment(config, mesh)
+    base = dataclasses.replace(exp, method=without_momentum_encoder(exp.method))
+    state = train.init_train_state(exp)  # once: the baseline's is the same less the target
+    base_state = state.replace(method_state=strip_momentum_encoder(state.method_state))
+    return {"step": step_program(exp, _copy(state)), "baseline": step_program(base, _copy(base_state)),
+            "target_forward": target_forward_program(exp, _copy(state.method_state)),
+            "ema": ema_program(exp, state), "guard": guard_program(state.method_state["target"])}
+
+
+def accounting(costs: dict) -> dict:
+    """For FLOPs and bytes accessed: excess = step - (baseline + target forward), and what is left
+    of it after the EMA update and the state guard, both in absolute terms and over the forward."""
+    out = {}
+    for key in COSTS:
+        c = {name: costs[name][key] for name in ("step", "baseline", "target_forward", "ema", "guard")}
+        excess = c["step"] - c["baseline"] - c["target_forward"]
+        residual = excess - c["ema"] - c["guard"]
+        out[key] = dict(c, excess=excess, excess_over_forward=excess / c["target_forward"],
+                        residual=residual, residual_over_forward=residual / c["target_forward"],
+                        bound=c["baseline"] + c["target_forward"],
+                        bound_met=c["step"] <= c["baseline"] + c["target_forward"])
     return out
 
 
 def step_costs(steps: int, rounds: int = 5) -> dict:
-    """Compiled FLOPs and median step time, timed in interleaved rounds so that a change of the
-    machine's load between methods does not favour one of them."""
+    """Costs, accounting and median step times, timed in interleaved rounds so that a change of the
+    machine's load between programs does not favour one of them."""
     mesh = parallel.make_mesh(jax.devices()[:1])
-    names = ("simclr",) + MOMENTUM_METHODS
-    exps = {m: _small_experiment(m, mesh) for m in names}
-    runners, flops = {}, {}
-    for m in names:
-        compiled, runners[m] = _compiled_step(exps[m])
-        flops[m] = benchmarking.compiled_cost(compiled)["flops"]
-    compiled, runners["target_forward"] = _target_forward(exps["byol"])
-    flops["target_forward"] = benchmarking.compiled_cost(compiled)["flops"]
-    times = {m: [] for m in runners}
+    programs = {m: method_programs(small_config(m), mesh) for m in MOMENTUM_METHODS}
+    runners = {f"{m}/{p}": prog.run for m, progs in programs.items() for p, prog in progs.items() if prog.run}
+    simclr_exp = train.build_experiment(small_config("simclr"), mesh)
+    simclr = step_program(simclr_exp, train.init_train_state(simclr_exp))
+    runners["simclr/step"] = simclr.run
+    times = {name: [] for name in runners}
     for _ in range(rounds):
-        for m, run in runners.items():
-            times[m] += benchmarking.time_calls(run, steps, 1)
-    rows = {m: {"median_s": statistics.median(times[m]), "min_s": min(times[m]), "flops": flops[m]} for m in runners}
-    for m, r in rows.items():
-        print(f"{m:<15} median {r['median_s'] * 1e3:8.1f} ms  min {r['min_s'] * 1e3:8.1f} ms  "
-              f"{r['flops'] / 1e9:8.3f} GFLOP", flush=True)
-    bound = {k: rows["simclr"][k] + rows["target_forward"][k] for k in ("median_s", "min_s", "flops")}
-    parts = breakdown_flops(exps)
-    print({k: f"{v / 1e9:.3f} GFLOP" for k, v in parts.items()}, flush=True)
-    return {"rows": rows, "bound_simclr_plus_forward": bound, "breakdown_flops": parts}
+        for name, run in runners.items():
+            times[name] += benchmarking.time_calls(run, steps, 1)
+    out = {"simclr": {"step": dict(simclr.cost, median_s=statistics.median(times["simclr/step"]))}}
+    print(f"simclr step (reference) {simclr.cost['flops'] / 1e9:.4f} GFLOP  "
+          f"median {out['simclr']['step']['median_s'] * 1e3:.1f} ms", flush=True)
+    for m, progs in programs.items():
+        row = {p: dict(prog.cost) for p, prog in progs.items()}
+        for p in row:
+            if f"{m}/{p}" in times:
+                row[p].update(median_s=statistics.median(times[f"{m}/{p}"]), min_s=min(times[f"{m}/{p}"]))
+        row["accounting"] = accounting(row)
+        out[m] = row
+        _print_method(m, row)
+    return out
+
+
+def _print_method(method, row):
+    print(f"{method}:", flush=True)
+    for p in ("baseline", "target_forward", "step", "ema", "guard"):
+        t = f"  median {row[p]['median_s'] * 1e3:8.1f} ms" if "median_s" in row[p] else ""
+        print(f"  {p:<15} {row[p]['flops'] / 1e9:9.4f} GFLOP  {row[p]['bytes_accessed'] / 2**20:9.2f} MiB{t}")
+    for key, unit, scale in (("flops", "GFLOP", 1e9), ("bytes_accessed", "MiB", 2**20)):
+        a = row["accounting"][key]
+        verdict = "met" if a["bound_met"] else "exceeded"
+        print(f"  {key}: bound (baseline + target forward) {verdict}: step - bound = {a['excess'] / scale:+.4f} "
+              f"{unit} ({100 * a['excess_over_forward']:+.3f} % of the forward) = EMA {a['ema'] / scale:.4f} + "
+              f"guard {a['guard'] / scale:.4f} + residual {a['residual'] / scale:+.4f} {unit} "
+              f"({100 * a['residual_over_forward']:+.3f} %)", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="state,queue,step")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per method per round (5 rounds)")
+    parser.add_argument("--steps", type=int, default=4, help="timed calls per program per round (5 rounds)")
     parser.add_argument("--json_out", default="momentum_cost.json")
     args = parser.parse_args(argv)
     results = {"environment": benchmarking.environment()}
@@ -187,8 +292,10 @@ def main(argv=None):
         write()
     if "queue" in parts:
         results["queue"] = queue_share()
-        print(f"queue share of temp: {100 * results['queue']['queue_temp_share']:.1f}% "
-              f"({results['queue']['queue_temp_bytes'] / 2**20:.1f} MiB/dev)", flush=True)
+        q = results["queue"]
+        print(f"queue share: temp {100 * q['queue_temp_share']:.2f}% ({q['queue_temp_bytes'] / 2**20:.1f} MiB/dev), "
+              f"total {100 * q['queue_total_share']:.2f}%, FLOPs {100 * q['queue_flops_share']:.3f}% "
+              f"({q['queue_flops'] / 1e9:.2f} GFLOP/dev)", flush=True)
         write()
     if "step" in parts:
         results["step"] = step_costs(args.steps)

@@ -222,7 +222,8 @@ def compile_step_memory(config, mesh=None) -> dict:
     donated state counted once (the output state reuses the argument buffers).
     'params_bytes', 'opt_state_bytes' and 'state_bytes' (the whole train state)
     are what one device holds of them under ``config.sharding``, from the
-    leaves' shardings (clrjax/state_sharding.py).
+    leaves' shardings (clrjax/state_sharding.py). 'flops' and 'bytes_accessed'
+    are XLA's cost analysis of the same program (one device's share).
     """
     exp = train.build_experiment(config, mesh)
     state = jax.eval_shape(lambda: train.init_train_state(exp))
@@ -246,6 +247,7 @@ def compile_step_memory(config, mesh=None) -> dict:
             "output_bytes": cost["output_size_in_bytes"],
             "total_bytes": cost["temp_size_in_bytes"] + cost["argument_size_in_bytes"]
             + max(0, cost["output_size_in_bytes"] - state_bytes),
+            "flops": cost["flops"], "bytes_accessed": cost["bytes_accessed"],  # per device, XLA's count
             "compile_s": time.perf_counter() - t0}
 
 
