@@ -38,7 +38,7 @@ demo: $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-test
-	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=40
 
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

@@ -37,7 +37,14 @@ def _driver(*args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_check_passes(tmp_path):
+    """The whole ``--check`` (92 s of the suite's 15 min on 2 cores, so behind ``slow``; a GPU
+    session runs it first anyway, before any device time). Its pieces are covered by faster
+    tests: the full-size config checks by test_check_fails_on_a_bad_config_naming_it (the same
+    check_configs pass, stopped by one bad entry), the driver's budgets, timeouts and summary by
+    the unit tests below, the parts' programs by tests/test_benchmark.py (experiments/benchmark.py
+    modes) and tests/test_preemption.py (the SIGTERM-save-resume path the accuracy part takes)."""
     t0 = time.monotonic()
     proc = _driver("--check", f"--out={tmp_path}")
     took = time.monotonic() - t0
