@@ -5,7 +5,7 @@ COMMAND:
   python experiments/train.py --config=configs/clip.py:fashion_mnist --workdir=runs/clip_fmnist
   # LiT: lock an image tower pretrained by SimCLR (same config.model), train the text side only
   python experiments/train.py --config=configs/clip.py:fashion_mnist --workdir=runs/lit_fmnist \
-      --config.image_tower.init_from=runs/simclr_fmnist --config.image_tower.locked=True
+      --config.image_tower.init_from=runs/fmnist10_simclr --config.image_tower.locked=True
 Presets: digits, fashion_mnist, cifar10, cifar100 (their class names as captions,
 clrjax/data/class_captions.py), imagenet (the paper's recipe; point it at image-text pairs with
 --config.dataset.name=webdataset --config.dataset.path=... --config.dataset.caption_column=txt).
