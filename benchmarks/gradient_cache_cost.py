@@ -22,24 +22,20 @@ import configs.simclr as simclr  # noqa: E402
 
 
 def compiled_step(base, micro: int):
-    """[step_fn, state, batch] of ``base`` with ``micro_batch_size=micro``, compiled and run once."""
-    cfg = config_lib.apply_overrides(base, {"micro_batch_size": micro})
-    exp = train.build_experiment(cfg)
-    fn = train.make_train_step(exp)
-    batch = benchmarking._first_batch(exp, cfg)
-    state, _ = fn(train.init_train_state(exp), batch)
-    jax.block_until_ready(state)
-    return [fn, state, batch]
+    """``one_step`` (benchmarking.step_runner) of ``base`` with ``micro_batch_size=micro``,
+    compiled and run once."""
+    exp = train.build_experiment(config_lib.apply_overrides(base, {"micro_batch_size": micro}))
+    _, one_step = benchmarking.step_runner(exp, train.init_train_state(exp))
+    jax.block_until_ready(one_step()[0])
+    return one_step
 
 
-def timed_steps(step, count: int):
+def timed_steps(one_step, count: int):
     """(wall seconds, process CPU seconds) of ``count`` steps, each blocked on."""
     wall, cpu = [], []
     for _ in range(count):
         t0, c0 = time.perf_counter(), time.process_time()
-        fn, state, batch = step
-        step[1], _ = fn(state, batch)
-        jax.block_until_ready(step[1])
+        jax.block_until_ready(one_step()[0])
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return wall, cpu

@@ -160,14 +160,7 @@ def _copy(tree):
 
 def step_program(exp, state) -> Program:
     """The compiled train step on one real batch, run with ``state`` donated as in training."""
-    batch = benchmarking._first_batch(exp, exp.config)
-    compiled = train.make_train_step(exp).lower(state, batch).compile()
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], m = compiled(holder["state"], batch)
-        return holder["state"], m
-
+    compiled, one_step = benchmarking.step_runner(exp, state)
     return Program(benchmarking.compiled_cost(compiled), one_step)
 
 

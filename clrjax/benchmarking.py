@@ -156,25 +156,33 @@ def _model_flops_without_remat(config, mesh) -> Optional[float]:
     return compiled_cost(compiled)["flops"]
 
 
+def step_runner(exp, state, batch=None):
+    """(compiled train step, ``one_step``) on ``batch`` (default: the first batch of ``exp``'s
+    data): ``one_step()`` runs the step with the state donated, as in training, keeps the new
+    state for its next call and returns (new state, metrics)."""
+    batch = _first_batch(exp, exp.config) if batch is None else batch
+    compiled = train.make_train_step(exp).lower(state, batch).compile()
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return holder["state"], metrics
+
+    return compiled, one_step
+
+
 def benchmark_step(config, *, steps: int = 10, warmup: int = 2, mesh=None,
                    peak_tflops_per_device: Optional[float] = None) -> StepResult:
     """Median full train-step time, throughput, FLOPs, MFU and memory."""
     exp = train.build_experiment(config, mesh)
     state = train.init_train_state(exp)
-    step_fn = train.make_train_step(exp)
     batch = _first_batch(exp, config)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled, one_step = step_runner(exp, state, batch)
     compile_s = time.perf_counter() - t0
     cost = compiled_cost(compiled)
 
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], m = compiled(holder["state"], batch)  # state is donated, as in training
-        return m["loss"]
-
-    times = time_calls(one_step, steps, warmup)
+    times = time_calls(lambda: one_step()[1]["loss"], steps, warmup)
     median = statistics.median(times)
     n_dev = exp.mesh.size
     total_flops = cost["flops"] * n_dev  # XLA's figure is per device (SPMD program)
